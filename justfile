@@ -21,3 +21,19 @@ lint:
 # Build every package's wheel into dist/.
 build:
     for p in packages/*/; do uv build --package "$(basename "$p")" --out-dir dist; done
+
+# Check the environment, the world and one real training step: `just verify`.
+verify *args:
+    uv run llgbm verify "$@"
+
+# Build a world (tiny: CPU minutes; smollm2: GPU zoo): `just world tiny`, `just world tiny --preset test`.
+world kind="tiny" *args:
+    uv run llgbm world build "$@"
+
+# Teacher deltas of a world into its delta cache: `just compute-deltas --world worlds/tiny`.
+compute-deltas *args:
+    uv run llgbm compute-deltas "$@"
+
+# Train a config from configs/ and evaluate it on held-out tasks: `just train delta_multi training.steps=50`.
+train config *args:
+    uv run llgbm train configs/{{config}}.yaml {{args}}

@@ -1,0 +1,246 @@
+"""The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate.
+
+    llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
+    llgbm evaluate runs/delta_multi
+
+Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/delta_multi.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="llgbm",
+        description="Learning LoRA Generators by Behavioural Matching. Start with "
+        "`llgbm verify`, then `llgbm train configs/delta_multi.yaml`.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("verify", help="check environment, world and one real training step")
+    v.add_argument(
+        "config", nargs="?", default=DEFAULT_CONFIG, help="config (default: %(default)s)"
+    )
+    v.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    for name, helptext in (
+        ("train", "train a generator: CONFIG [key=value ...], then evaluate it"),
+        ("train-delta-only", "train with the delta loss only (variant b1)"),
+    ):
+        t = sub.add_parser(name, help=helptext, description=helptext)
+        if name == "train":
+            t.add_argument("config", help="YAML config, e.g. configs/delta_multi.yaml")
+        else:
+            t.add_argument(
+                "--variant",
+                choices=["b1"],
+                default="b1",
+                help="b1: delta loss through the base model + norm penalty + anchor",
+            )
+            t.add_argument(
+                "config",
+                nargs="?",
+                default="configs/delta_only.yaml",
+                help="config (default: %(default)s)",
+            )
+        t.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. training.steps=50 training.lr=1e-4",
+        )
+        t.add_argument("--name", help="run name (default: the config's name or file stem)")
+        t.add_argument(
+            "--resume", action="store_true", help="continue runs/<name> from its newest checkpoint"
+        )
+        t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+        t.add_argument(
+            "--stop-after",
+            type=int,
+            metavar="STEPS",
+            help="stop (resumably, with a checkpoint) after this many steps",
+        )
+
+    c = sub.add_parser("compute-deltas", help="teacher deltas of a world into the delta cache")
+    c.add_argument("--world", help="world directory (default: the config's world.dir)")
+    c.add_argument(
+        "--config", default=DEFAULT_CONFIG, help="config giving probes, delta spec, cache"
+    )
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+    w = sub.add_parser("world", help="build or show a world (base model, tasks, teachers)")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="ACTION")
+    wb = wsub.add_parser("build", help="build a world: tiny | smollm2")
+    wb.add_argument("kind", choices=["tiny", "smollm2"])
+    wb.add_argument("--out", help="output directory (default: worlds/<kind>)")
+    wb.add_argument("--preset", help="build preset (e.g. test: seconds, for the test suite)")
+    wb.add_argument("--seed", type=int, default=0)
+    ws = wsub.add_parser("show", help="print a world's tasks and teachers")
+    ws.add_argument("dir")
+
+    e = sub.add_parser("evaluate", help="evaluate a run on its held-out tasks")
+    e.add_argument("run", help="run directory, e.g. runs/delta_multi")
+    return p
+
+
+def _load(config: str, overrides: list[str]):
+    from llgbm_train.config import load_config
+
+    return load_config(config, overrides)
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from llgbm_train.runs import environment
+    from llgbm_train.trainer import train
+
+    env = environment()
+    print(
+        f"python {env['python']}  torch {env['packages']['torch']}  "
+        f"transformers {env['packages']['transformers']}  peft {env['packages']['peft']}"
+    )
+    print(f"device: {'cuda ' + str(env['devices']) if torch.cuda.is_available() else 'cpu'}")
+    cfg = _load(args.config, args.overrides)
+    print(f"config: {args.config} (hash {cfg.hash})")
+    t0 = time.perf_counter()
+    result = train(cfg, None, max_steps=1, progress=True)
+    s = result.setup
+    print(
+        f"world: {s.world_root} ({len(s.world.tasks)} tasks, {len(s.world.teachers)} teachers, "
+        f"{len(s.data)} training samples)"
+    )
+    rec = result.last
+    print(
+        f"one training step: loss {rec['loss']:.4g}, weight {rec['loss_w']:.4g} "
+        f"(baseline {rec['loss_w_baseline']:.4g}), delta {rec['loss_d']:.4g} "
+        f"(baseline {rec['loss_d_baseline']:.4g}) in {time.perf_counter() - t0:.1f} s"
+    )
+    print("ok")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from llgbm_train.evaluate import evaluate, print_summary
+    from llgbm_train.runs import RunError, new_run_name
+    from llgbm_train.trainer import make_accelerator, train
+
+    overrides = list(args.overrides)
+    if args.command == "train-delta-only":
+        overrides = [
+            "training.objective=delta_only",
+            f"training.variant={args.variant}",
+            *overrides,
+        ]
+    cfg = _load(args.config, overrides)
+    base = args.name or cfg.name
+    runs = Path(cfg.runs_dir)
+    if args.resume:
+        name = base
+        if not (runs / name / "config.yaml").is_file():
+            raise RunError(f"{runs / name}: no run to resume (check --name)")
+    else:
+        name = new_run_name(runs, base)
+    acc = make_accelerator(cfg)
+    result = train(
+        cfg,
+        runs / name,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=True,
+        accelerator=acc,
+    )
+    if acc.is_main_process:
+        print(f"run: {runs / name}  ({result.step} steps; last loss {result.last.get('loss')})")
+    if result.stopped_early or args.no_eval or not acc.is_main_process:
+        return 0
+    report = evaluate(result.setup, result.generator, out_dir=runs / name, progress=True)
+    print_summary(report)
+    print(f"report: {runs / name / 'eval' / 'report.md'}")
+    return 0
+
+
+def cmd_compute_deltas(args) -> int:
+    import dataclasses
+
+    from llgbm_train import data as D
+    from llgbm_train.trainer import load_base, resolve_device
+
+    cfg = _load(args.config, args.overrides)
+    if args.world:
+        cfg = dataclasses.replace(cfg, world=dataclasses.replace(cfg.world, dir=args.world))
+    root = D.ensure_world(cfg)
+    world = D.load_world(root)
+    model, tok = load_base(world.base_path, cfg, resolve_device(cfg))
+    paths = [D.teacher_path(root, t) for t in world.teachers]
+    t0 = time.perf_counter()
+    deltas = D.teacher_deltas(cfg, model, tok, paths, D.load_probes(cfg))
+    print(
+        f"{len(paths)} teacher deltas [{deltas.shape[1]}] in {D.delta_cache_dir(cfg)} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return 0
+
+
+def cmd_world(args) -> int:
+    from llgbm_worlds import build_world, show_world
+
+    if args.world_command == "build":
+        out = Path(args.out or f"worlds/{args.kind}")
+        build_world(args.kind, out, preset=args.preset, seed=args.seed, progress=True)
+        print(f"world: {out / 'world.json'}")
+        return 0
+    text = show_world(args.dir)
+    if isinstance(text, str):
+        print(text)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from llgbm_train.evaluate import evaluate_run, print_summary
+
+    report = evaluate_run(args.run)
+    print_summary(report)
+    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    return 0
+
+
+COMMANDS = {
+    "verify": cmd_verify,
+    "train": cmd_train,
+    "train-delta-only": cmd_train,
+    "compute-deltas": cmd_compute_deltas,
+    "world": cmd_world,
+    "evaluate": cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        # Our error types subclass ValueError with one-line messages; others are summarised.
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

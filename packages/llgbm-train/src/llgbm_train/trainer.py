@@ -1,0 +1,460 @@
+"""The trainer: baseline (weights), delta_multi (weights + scheduled delta), delta_only b1.
+
+    result = train(load_config("configs/delta_multi.yaml"), run_dir=Path("runs/delta_multi"))
+
+One loop serves every objective and every launch: a single process, or ``accelerate launch`` /
+``torchrun`` (DDP; every rank draws the same global batch from the same seeded RNG and keeps its
+slice, so ranks stay in lock step and only rank 0 writes). ``prepare`` validates and builds all
+inputs before a run directory exists.
+
+Objectives (per step, on the rank's rows):
+- baseline:    L = L_w
+- delta_multi: L = lambda_w * L_w + lambda_d(step) * L_delta
+- delta_only (b1): L = L_delta + norm_penalty * L_norm + lambda_w * L_w. The delta of a LoRA on
+  a handful of probes is one hidden-size vector, while the LoRA has orders of magnitude more
+  numbers, so L_delta alone is badly under-determined: it is met by large-norm updates that
+  happen to move the probe states right and wreck everything else, and it leaves the A/B scale
+  gauge free. L_norm (squared excess of each generated ||s B A||_F over the same sample's
+  teacher norm, per (layer, module)) forbids the large-norm solutions; a small weight anchor
+  (lambda_w, e.g. 0.05) picks, among updates with the right delta, the one near the teacher
+  and fixes the gauge. Both are logged next to their trivial baselines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llgbm_train import data as D
+from llgbm_train.config import Config
+from llgbm_train.runs import Run, environment, file_hash, git_info
+
+
+class TrainingError(ValueError):
+    """Training cannot start or had to stop (e.g. a non-finite loss); one-line message."""
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, validated, on its device."""
+
+    cfg: Config
+    world: Any
+    world_root: Path
+    model: Any  # frozen base model
+    tokenizer: Any
+    probes: Any
+    delta_spec: Any
+    base_act: torch.Tensor  # [hidden] fp32
+    data: D.TrainData
+    encoder: Any
+    weight_tokenizer: Any
+    generator: torch.nn.Module
+    device: torch.device
+    delta_scale: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.model.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("model.device: cuda requested but no CUDA device is available")
+    if cfg.model.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def load_base(path, cfg: Config, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except OSError as e:
+        raise TrainingError(f"base model {path}: cannot load ({str(e).splitlines()[0]})") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def check_lora(cfg: Config, spec, where: str) -> None:
+    """The config's lora section (where set) must describe the teachers' adapters."""
+    got = {
+        "rank": spec.rank,
+        "alpha": float(spec.alpha),
+        "target_modules": tuple(spec.target_modules),
+        "use_rslora": spec.use_rslora,
+    }
+    for name, have in got.items():
+        want = getattr(cfg.lora, name)
+        if want is None:
+            continue
+        if name == "target_modules" and set(want) == set(have):
+            continue
+        if want != have:
+            raise TrainingError(f"lora.{name}: config says {want!r} but {where} has {have!r}")
+
+
+def build_model_parts(cfg: Config, spec, teachers, device: torch.device, cache_dir: Path | None):
+    """Encoder, weight tokenizer (fit on ``teachers``) and a freshly initialised generator."""
+    from llgbm_train.encoders import build_encoder
+    from llgbm_train.generators import build_generator
+    from llgbm_train.weight_tokens import WeightTokenizer
+
+    g = cfg.generator
+    encoder = build_encoder(
+        g.encoder,
+        device=str(device),
+        max_tokens=g.max_tokens,
+        cache_dir=cache_dir,
+        **g.encoder_options,
+    )
+    wt = WeightTokenizer(spec, slab_width=g.slab_width).fit(teachers)
+    torch.manual_seed(cfg.training.seed)
+    try:
+        generator = build_generator(
+            g.kind,
+            spec=spec,
+            cond_dim=encoder.dim,
+            n_prompts=g.n_prompts,
+            max_tokens=encoder.max_tokens,
+            weight_tokenizer=wt,
+            **g.options,
+        )
+    except TypeError as e:
+        raise TrainingError(f"generator.options: {e}") from None
+    return encoder, wt, generator.to(device)
+
+
+def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool = True) -> Setup:
+    """Load the world, base model, teachers and their deltas; build encoder and generator."""
+    device = device or resolve_device(cfg)
+    root = D.ensure_world(cfg, progress=progress)
+    world = D.load_world(root)
+    model, tokenizer = load_base(world.base_path, cfg, device)
+    if cfg.model.gradient_checkpointing:
+        model.config.use_cache = False
+    probes = D.load_probes(cfg)
+    dspec = D.delta_spec(cfg)
+    data = D.load_train_data(cfg, world, root, model, tokenizer, probes, progress=progress)
+    check_lora(cfg, data.teachers.spec, f"{root}/world.json's teachers")
+    from llgbm_delta import base_activation, model_fingerprint
+
+    base_act = base_activation(model, tokenizer, probes, dspec)  # [hidden]
+    rms = float(data.deltas.pow(2).mean().sqrt())
+    delta_scale = cfg.training.delta_scale or (rms if rms > 0 else 1.0)
+    encoder, wt, generator = build_model_parts(
+        cfg, data.teachers.spec, data.teachers, device, root / "encoder_cache"
+    )
+    meta = {
+        "world": {
+            "dir": str(root),
+            "hash": file_hash(root / "world.json"),
+            "n_samples": len(data),
+            "n_tasks": len(data.prompts),
+        },
+        "delta_cache": {
+            "dir": str(D.delta_cache_dir(cfg)),
+            "base_fingerprint": model_fingerprint(model),
+            "probe_hash": probes.hash,
+            "spec_hash": dspec.hash,
+            "teacher_deltas_hash": data.deltas_hash,
+        },
+        "generator_parameters": sum(p.numel() for p in generator.parameters()),
+        "delta_scale": delta_scale,
+    }
+    return Setup(
+        cfg,
+        world,
+        root,
+        model,
+        tokenizer,
+        probes,
+        dspec,
+        base_act,
+        data,
+        encoder,
+        wt,
+        generator,
+        device,
+        delta_scale,
+        meta,
+    )
+
+
+def delta_w_sq_norms(lora) -> torch.Tensor:
+    """||s B A||_F^2 per adapter and (layer, module), without forming B A. -> [n, n_keys]."""
+    out = []
+    for key in lora.spec.keys():  # noqa: SIM118 (LoraSpec.keys, not a dict)
+        a, b = lora.A[key].float(), lora.B[key].float()  # [n, r, in], [n, out, r]
+        btb = b.transpose(1, 2) @ b  # [n, r, r]
+        aat = a @ a.transpose(1, 2)  # [n, r, r]
+        out.append((btb * aat).sum(dim=(1, 2)) * lora.spec.scale**2)  # trace(BtB AAt)
+    return torch.stack(out, dim=1)
+
+
+def norm_penalty(pred, target) -> tuple[torch.Tensor, float]:
+    """Mean squared excess of generated over teacher delta-W norms (0 at or below them)."""
+    p = delta_w_sq_norms(pred).clamp_min(1e-20).sqrt()  # [n, n_keys]
+    with torch.no_grad():
+        t = delta_w_sq_norms(target).clamp_min(1e-20).sqrt()  # [n, n_keys]
+    return torch.relu(p / t - 1.0).pow(2).mean(), 0.0
+
+
+def subset(lora, rows: list[int]):
+    """Rows of a LoraBatch (repeats allowed) as a new LoraBatch."""
+    from llgbm_flora import LoraBatch
+
+    idx = torch.tensor(rows, dtype=torch.long, device=next(iter(lora.A.values())).device)
+    return LoraBatch(
+        lora.spec, {k: v[idx] for k, v in lora.A.items()}, {k: v[idx] for k, v in lora.B.items()}
+    )
+
+
+@dataclass
+class TrainResult:
+    run: Run | None
+    step: int  # optimiser steps completed
+    last: dict[str, float]  # the last metrics record
+    generator: torch.nn.Module  # unwrapped, on its device
+    setup: Setup
+    stopped_early: bool = False
+
+
+def _rng_state(rng: np.random.Generator, noise: torch.Generator) -> dict[str, Any]:
+    state = {
+        "numpy": rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "noise": noise.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state, rng: np.random.Generator, noise: torch.Generator) -> None:
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(state["torch"])
+    noise.set_state(state["noise"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    device = resolve_device(cfg)
+    bf16 = cfg.training.precision == "bf16" and device.type == "cuda"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+
+
+def train(
+    cfg: Config,
+    run_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> TrainResult:
+    """Train ``cfg``; write ``run_dir`` (None: write nothing, as ``llgbm verify`` does).
+
+    ``stop_after``: stop (with a checkpoint) once this many steps are done, as a kill would,
+    leaving the run resumable. ``max_steps``: run at most this many steps this call, no checkpoint.
+    """
+    from llgbm_train.losses import delta_loss, weight_loss
+    from llgbm_train.schedules import lambda_at, lr_lambda
+
+    acc = accelerator or make_accelerator(cfg)
+    main = acc.is_main_process
+    tc = cfg.training
+    if tc.batch_size < acc.num_processes:
+        raise TrainingError(
+            f"training.batch_size: {tc.batch_size} is below the {acc.num_processes} processes"
+        )
+    if resume and run_dir is not None and not (Path(run_dir) / "config.yaml").is_file():
+        raise TrainingError(f"{run_dir}: nothing to resume (no run directory)")
+    setup = prepare(cfg, device=acc.device, progress=progress and main)
+    gen = setup.generator
+    opt = torch.optim.AdamW(gen.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: lr_lambda(
+            min(s, tc.steps),
+            warmup_steps=min(tc.warmup_steps, tc.steps),
+            total_steps=tc.steps,
+            min_ratio=tc.min_lr_ratio,
+        ),
+    )
+    rng = np.random.default_rng(tc.seed)
+    noise = torch.Generator().manual_seed(tc.seed + 1000 * acc.process_index)
+    step = 0
+
+    run: Run | None = None
+    if run_dir is not None:
+        if resume:
+            run = Run.open(run_dir)
+            state = run.load_checkpoint(cfg) if run.checkpoints() else None
+            if state is not None:
+                gen.load_state_dict(state["generator"])
+                setup.weight_tokenizer.load_state_dict(state["weight_tokenizer"])
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
+                _set_rng_state(state["rng"], rng, noise)
+                step = int(state["step"])
+            if main:
+                run.truncate_metrics(step)
+                resumes = run.metadata().get("resumed_at", [])
+                run.update_metadata(resumed_at=[*resumes, {"step": step}])
+        elif main:
+            meta = {"git": git_info(), "environment": environment(), **setup.metadata}
+            run = Run.create(run_dir, cfg, meta)
+        acc.wait_for_everyone()
+        if run is None:
+            run = Run.open(run_dir)
+
+    ddp_gen, opt = acc.prepare(gen, opt)
+    data = setup.data
+    rank, world_size = acc.process_index, acc.num_processes
+    teachers = data.teachers.to(device=setup.device)
+    deltas = data.deltas.to(setup.device) / setup.delta_scale  # [n, hidden]
+    base_act = setup.base_act
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    if max_steps is not None:
+        end = min(end, step + max_steps)
+    last: dict[str, float] = {}
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tc.steps, initial=step, desc=f"train {tc.objective}", unit="step")
+
+    def checkpoint(at: int) -> None:
+        if run is None or not main:
+            return
+        state = {
+            "step": at,
+            "config_hash": cfg.hash,
+            "generator": acc.unwrap_model(ddp_gen).state_dict(),
+            "weight_tokenizer": setup.weight_tokenizer.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": _rng_state(rng, noise),
+            "delta_scale": setup.delta_scale,
+        }
+        run.save_checkpoint(state, at, keep=tc.keep_checkpoints)
+
+    ddp_gen.train()
+    while step < end:
+        t0 = time.perf_counter()
+        idx, prompts = D.draw_batch(rng, data, tc.batch_size, cfg.generator.n_prompts)
+        rows = list(range(rank, len(idx), world_size))
+        local = [idx[i] for i in rows]
+        states, mask = setup.encoder.encode([prompts[i] for i in rows])  # [b, N, L, D], [b, N, L]
+        states = states.to(setup.device)
+        mask = mask.to(setup.device)
+        if tc.cond_noise > 0:
+            states = states + tc.cond_noise * torch.randn(states.shape, generator=noise).to(states)
+        target = subset(teachers, local)
+        lam_d = lambda_at(
+            step,
+            kind=tc.lambda_d_schedule,
+            value=tc.lambda_d,
+            warmup_steps=tc.lambda_d_warmup,
+            start=tc.lambda_d_start,
+        )
+        with acc.autocast():
+            pred = ddp_gen(states, mask)  # LoraBatch [b]
+        pred = pred.to(dtype=torch.float32)
+        lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
+        need_delta = tc.objective != "baseline"
+        with contextlib.nullcontext() if need_delta else torch.no_grad(), acc.autocast():
+            from llgbm_delta import delta_for_lora
+
+            pd = (
+                delta_for_lora(
+                    setup.model,
+                    setup.tokenizer,
+                    pred,
+                    setup.probes,
+                    setup.delta_spec,
+                    base=base_act,
+                    adapter_chunk_size=cfg.model.adapter_chunk_size,
+                    gradient_checkpointing=cfg.model.gradient_checkpointing,
+                )
+                / setup.delta_scale
+            )  # [b, hidden]
+        ld = delta_loss(pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight)
+        terms = {"loss_w": lw, "loss_d": ld}
+        if tc.objective == "baseline":
+            loss = lw.value
+        elif tc.objective == "delta_multi":
+            loss = tc.lambda_w * lw.value + lam_d * ld.value
+        else:
+            ln, ln_base = norm_penalty(pred, target)
+            terms["loss_norm"] = type(lw)(ln, ln_base)
+            loss = ld.value + tc.norm_penalty * ln + tc.lambda_w * lw.value
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        params = [p for p in ddp_gen.parameters() if p.grad is not None]
+        if tc.grad_clip > 0:
+            gnorm = acc.clip_grad_norm_(params, tc.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        vals = torch.tensor(
+            [float(loss), float(gnorm)]
+            + [float(t.value) for t in terms.values()]
+            + [float(t.baseline) for t in terms.values()],
+            device=setup.device,
+        )
+        vals = acc.reduce(vals, reduction="mean") if world_size > 1 else vals
+        vals = vals.tolist()
+        if not all(math.isfinite(v) for v in vals[:2]):
+            if bar is not None:
+                bar.close()
+            ckpts = run.checkpoints() if run is not None else []
+            where = f"; last good checkpoint: {ckpts[-1]}" if ckpts else ""
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step + 1} "
+                f"(loss={vals[0]}, grad_norm={vals[1]}); stopped{where}"
+            )
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        step += 1
+        names = list(terms)
+        rec = {"step": step, "loss": vals[0], "grad_norm": vals[1], "lr": lr, "lambda_d": lam_d}
+        for i, name in enumerate(names):
+            rec[name] = vals[2 + i]
+            rec[name + "_baseline"] = vals[2 + len(names) + i]
+        last = rec
+        if main and run is not None and (step % tc.log_every == 0 or step == end):
+            run.append_metrics(rec)
+            run.append_metrics(
+                {"step": step, "seconds": time.perf_counter() - t0}, file="timing.jsonl"
+            )
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{vals[0]:.4g}",
+                w=f"{rec['loss_w']:.3g}/{rec['loss_w_baseline']:.3g}",
+                d=f"{rec['loss_d']:.3g}/{rec['loss_d_baseline']:.3g}",
+            )
+        if step % tc.checkpoint_every == 0 or step == end:
+            checkpoint(step)
+    if bar is not None:
+        bar.close()
+    acc.wait_for_everyone()
+    return TrainResult(
+        run, step, last, acc.unwrap_model(ddp_gen), setup, stopped_early=step < tc.steps
+    )
