@@ -1,1 +1,33 @@
-"""llgbm-flora."""
+"""llgbm-flora: PEFT LoRA adapters as differentiable data, applied per batch row to a frozen HF model.
+
+from llgbm_flora import LoraBatch, functional_forward, load_adapter
+adapter = load_adapter("path/to/peft_dir")
+out = functional_forward(model, adapter, input_ids=ids, attention_mask=mask)
+"""
+
+from .errors import LoraError, LoraFormatError, LoraKeyMismatchError
+from .functional import functional_forward
+from .mapping import check_fits, module_map
+from .peft_io import from_peft_state_dict, load_adapter, peft_key, save_adapter, to_peft_state_dict
+from .spec import STANDARD_MODULES, LoraAdapter, LoraBatch, LoraKey, LoraSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "STANDARD_MODULES",
+    "LoraAdapter",
+    "LoraBatch",
+    "LoraError",
+    "LoraFormatError",
+    "LoraKey",
+    "LoraKeyMismatchError",
+    "LoraSpec",
+    "check_fits",
+    "from_peft_state_dict",
+    "functional_forward",
+    "load_adapter",
+    "module_map",
+    "peft_key",
+    "save_adapter",
+    "to_peft_state_dict",
+]
