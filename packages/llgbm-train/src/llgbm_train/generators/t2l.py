@@ -1,0 +1,144 @@
+"""T2L-style hypernetwork: one task embedding, one shared trunk, one output head per module type.
+
+    task  = MLP(masked mean of the condition over prompts and tokens)          # [B, hidden]
+    h_key = trunk(task, layer_embedding[layer], module_embedding[module])      # [B, hidden]
+    A, B  = head[module](h_key)                                                # per (layer, module)
+
+Heads emit either raw A [r, in] and B [out, r] or, given a WeightTokenizer, the key's normalised
+weight tokens, which the tokenizer decodes (values of unit scale whatever the LoRA's magnitude).
+`head_rank` factors each head through a bottleneck when r * (in + out) is large.
+
+Initialisation: the output is a usable LoRA from step 0. Raw A starts like PEFT's A (uniform
++-1/sqrt(in), through the head's bias) and raw B near zero but with non-zero weights, so the
+gradient reaches B from the first step; token heads start around the teachers' slab statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from llgbm_flora import LoraBatch, LoraSpec
+from torch import Tensor, nn
+
+from llgbm_train.generators.base import Generator, GeneratorError
+from llgbm_train.weight_tokens import WeightTokenizer
+
+# Std of the raw B head's weights: B starts at ~1e-3 of A's scale, small but trainable.
+_B_INIT_STD = 1e-3
+
+
+class _Head(nn.Module):
+    def __init__(self, hidden: int, n_out: int, head_rank: int | None) -> None:
+        super().__init__()
+        if head_rank is None:
+            self.down = nn.Identity()
+            self.up = nn.Linear(hidden, n_out)
+        else:
+            self.down = nn.Linear(hidden, head_rank, bias=False)
+            self.up = nn.Linear(head_rank, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+
+class T2LGenerator(Generator):
+    """Pooled condition + layer/module embeddings -> shared MLP -> per-module-type heads."""
+
+    def __init__(
+        self,
+        *,
+        spec: LoraSpec,
+        cond_dim: int,
+        weight_tokenizer: WeightTokenizer | None = None,
+        hidden: int = 256,
+        emb_dim: int = 32,
+        head_rank: int | None = None,
+    ) -> None:
+        super().__init__(spec, cond_dim)
+        if hidden < 1 or emb_dim < 1:
+            raise GeneratorError(f"generator hidden/emb_dim: {hidden}/{emb_dim} must be >= 1")
+        if head_rank is not None and head_rank < 1:
+            raise GeneratorError(f"generator head_rank: {head_rank} must be >= 1 or None")
+        self.tokenizer = weight_tokenizer
+        self.keys = spec.keys()
+        self.task = nn.Sequential(
+            nn.LayerNorm(cond_dim),
+            nn.Linear(cond_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+        )
+        self.layer_emb = nn.Embedding(len(spec.layers), emb_dim)
+        self.module_emb = nn.Embedding(len(spec.target_modules), emb_dim)
+        self.trunk = nn.Sequential(
+            nn.Linear(hidden + 2 * emb_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+        )
+        layer_index = {layer: i for i, layer in enumerate(spec.layers)}
+        module_index = {m: i for i, m in enumerate(spec.target_modules)}
+        self.register_buffer(
+            "key_layer", torch.tensor([layer_index[k[0]] for k in self.keys]), persistent=False
+        )
+        self.register_buffer(
+            "key_module", torch.tensor([module_index[k[1]] for k in self.keys]), persistent=False
+        )
+        r = spec.rank
+        self.heads = nn.ModuleDict()
+        self._token_counts: dict[str, int] = {}
+        for m in spec.target_modules:
+            d_in, d_out = spec.in_out(m)
+            if weight_tokenizer is None:
+                head = _Head(hidden, r * d_in + d_out * r, head_rank)
+                with torch.no_grad():
+                    bound = 1.0 / math.sqrt(d_in)
+                    head.up.bias[: r * d_in].uniform_(-bound, bound)
+                    head.up.bias[r * d_in :].zero_()
+                    head.up.weight[r * d_in :].normal_(0.0, _B_INIT_STD)
+            else:
+                seg = [s for s in weight_tokenizer.segments if s.key[1] == m][:2]
+                n_tok = sum(s.n_slabs for s in seg)
+                self._token_counts[m] = n_tok
+                head = _Head(hidden, n_tok * r * weight_tokenizer.slab_width, head_rank)
+            self.heads[m] = head
+        # key positions of each module type, in `self.keys` order (one per layer)
+        self._by_module = {
+            m: [i for i, k in enumerate(self.keys) if k[1] == m] for m in spec.target_modules
+        }
+
+    def forward(self, cond: Tensor, cond_mask: Tensor) -> LoraBatch:
+        self._check_cond(cond, cond_mask, None, None)
+        m = cond_mask[..., None].to(cond.dtype)  # [B, N, L, 1]
+        pooled = (cond * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)  # [B, D]
+        task = self.task(pooled)  # [B, hidden]
+        n, n_keys = cond.shape[0], len(self.keys)
+        emb = torch.cat([self.layer_emb(self.key_layer), self.module_emb(self.key_module)], -1)
+        x = torch.cat(
+            [task[:, None].expand(n, n_keys, -1), emb[None].expand(n, -1, -1)], -1
+        )  # [B, K, hidden + 2 emb]
+        h = self.trunk(x)  # [B, K, hidden]
+        outs: list[Tensor | None] = [None] * n_keys
+        for mod, idx in self._by_module.items():
+            y = self.heads[mod](h[:, idx])  # [B, n_layers, out_dim]
+            for j, i in enumerate(idx):
+                outs[i] = y[:, j]
+        if self.tokenizer is not None:
+            return self._decode_tokens(outs, n)
+        r = self.spec.rank
+        A: dict = {}
+        B: dict = {}
+        for key, y in zip(self.keys, outs):
+            d_in, d_out = self.spec.in_out(key[1])
+            A[key] = y[:, : r * d_in].reshape(n, r, d_in)  # [B, r, in]
+            B[key] = y[:, r * d_in :].reshape(n, d_out, r)  # [B, out, r]
+        return LoraBatch(spec=self.spec, A=A, B=B)
+
+    def _decode_tokens(self, outs: list, n: int) -> LoraBatch:
+        tok = self.tokenizer
+        assert tok is not None
+        parts = [
+            y.reshape(n, self._token_counts[key[1]], tok.rank, tok.slab_width)
+            for key, y in zip(self.keys, outs)
+        ]
+        return tok.decode(torch.cat(parts, dim=1))  # tokens [B, n_tokens, r, w]

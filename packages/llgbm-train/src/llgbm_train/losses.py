@@ -1,0 +1,152 @@
+"""Training losses, each returned with the value a trivial prediction would get.
+
+    weight_loss(pred, target, tokenizer=tok)               # MSE on DnD's normalised weight tokens
+    weight_loss(pred, target, space="delta_w")             # MSE of s * B @ A, never materialised
+    delta_loss(pred_delta, teacher_delta, kind="cosine")   # on Delta Activations [n, hidden]
+
+`LossOut.baseline` is the same loss for the zero LoRA (weights), the zero delta (mse) or a
+prediction at cosine 0 (cosine), so a log line can say "0.012 (baseline 1.31)": a loss that never
+gets below its baseline has learnt nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from llgbm_flora import LoraBatch
+from torch import Tensor
+
+from llgbm_train.weight_tokens import WeightTokenizer
+
+WEIGHT_SPACES = ("token", "delta_w")
+DELTA_KINDS = ("mse", "cosine", "combined")
+
+
+class LossError(ValueError):
+    """Loss inputs that do not fit together."""
+
+
+class LossOut(NamedTuple):
+    value: Tensor  # scalar, differentiable
+    baseline: float  # the same loss for the trivial prediction
+
+
+def _check_same_keys(pred: LoraBatch, target: LoraBatch) -> None:
+    if set(pred.A) != set(target.A) or set(pred.B) != set(target.B):
+        raise LossError("weight_loss: pred and target cover different (layer, module) keys")
+    if len(pred) != len(target):
+        raise LossError(f"weight_loss: {len(pred)} predicted adapters vs {len(target)} targets")
+
+
+def _token_loss(
+    pred: LoraBatch, target: LoraBatch, tokenizer: WeightTokenizer, token_weights: Tensor | None
+) -> LossOut:
+    p = tokenizer.encode(pred)  # [n, n_tokens, r, w]
+    with torch.no_grad():
+        t = tokenizer.encode(target)  # [n, n_tokens, r, w]
+        zero = -tokenizer.mean / tokenizer.std  # [n_tokens]: where the zero LoRA lands
+    valid = tokenizer.valid[None, :, None, :].to(p.dtype)  # [1, n_tokens, 1, w]
+    weights = valid.expand_as(p)
+    if token_weights is not None:
+        if token_weights.shape != (tokenizer.n_tokens,):
+            raise LossError(
+                f"weight_loss token_weights: shape {list(token_weights.shape)}, "
+                f"expected [{tokenizer.n_tokens}]"
+            )
+        weights = weights * token_weights.to(p)[None, :, None, None]
+    denom = weights.sum().clamp_min(1e-12)
+    value = (((p - t) ** 2) * weights).sum() / denom
+    with torch.no_grad():
+        base = (((zero[None, :, None, None] - t) ** 2) * weights).sum() / denom
+    return LossOut(value, float(base))
+
+
+def _gram_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """<B1 A1, B2 A2>_F per adapter [n], from two r x r products: tr(B1^T B2 A2 A1^T)."""
+    gb = torch.einsum("nor,nos->nrs", b1, b2)  # [n, r1, r2]
+    ga = torch.einsum("nri,nsi->nrs", a1, a2)  # [n, r1, r2]
+    return (gb * ga).sum(dim=(1, 2))  # [n]
+
+
+def _delta_w_loss(pred: LoraBatch, target: LoraBatch) -> LossOut:
+    """Mean over adapters and elements of (s B A - s B' A')^2, through r x r Gram matrices.
+
+    ||X - Y||^2 = <X,X> - 2<X,Y> + <Y,Y>, each a trace of small products, so no [out, in]
+    matrix is built. Computed in float32 and clamped at 0 against rounding.
+    """
+    s_p = pred.spec.scale
+    s_t = target.spec.scale
+    total = None
+    base = 0.0
+    numel = 0
+    keys = target.spec.keys()
+    for key in keys:
+        a_p, b_p = pred.A[key].float(), pred.B[key].float()  # [n, r, in], [n, out, r]
+        a_t, b_t = target.A[key].float(), target.B[key].float()
+        pp = _gram_inner(a_p, b_p, a_p, b_p) * s_p**2
+        pt = _gram_inner(a_p, b_p, a_t, b_t) * (s_p * s_t)
+        with torch.no_grad():
+            tt = _gram_inner(a_t, b_t, a_t, b_t) * s_t**2
+        sq = (pp - 2 * pt + tt).clamp_min(0.0).sum()
+        total = sq if total is None else total + sq
+        base += float(tt.sum())
+        numel += a_t.shape[2] * b_t.shape[1]
+    n = len(target)
+    denom = n * numel
+    return LossOut(total / denom, base / denom)
+
+
+def weight_loss(
+    pred: LoraBatch,
+    target: LoraBatch,
+    *,
+    tokenizer: WeightTokenizer | None = None,
+    space: str = "token",
+    token_weights: Tensor | None = None,
+) -> LossOut:
+    """Distance of generated adapters `pred` from teacher adapters `target` (both n adapters).
+
+    space="token": mean squared error of the tokenizer's normalised tokens over real (unpadded)
+      entries, optionally weighted per token by `token_weights` [n_tokens] (DnD weights tokens by
+      how much they vary across checkpoints). Needs `tokenizer`. Baseline: the zero LoRA.
+    space="delta_w": mean squared error of the dense updates s * B @ A per element (averaged over
+      adapters and over all [out, in] entries of all keys), computed without building them.
+      Baseline: the zero LoRA, i.e. mean of (s B' A')^2.
+    """
+    if space not in WEIGHT_SPACES:
+        raise LossError(f"weight_loss space: {space!r} is not one of {', '.join(WEIGHT_SPACES)}")
+    _check_same_keys(pred, target)
+    if space == "token":
+        if tokenizer is None:
+            raise LossError("weight_loss: space='token' needs a fitted WeightTokenizer")
+        return _token_loss(pred, target, tokenizer, token_weights)
+    if token_weights is not None:
+        raise LossError("weight_loss: token_weights only apply to space='token'")
+    return _delta_w_loss(pred, target)
+
+
+def delta_loss(pred: Tensor, target: Tensor, *, kind: str, cos_weight: float = 0.5) -> LossOut:
+    """Distance of generated deltas `pred` [n, hidden] from teacher deltas `target` [n, hidden].
+
+    mse:      mean over n and hidden of (pred - target)^2; baseline mean(target^2) (zero delta).
+    cosine:   mean over n of 1 - cos(pred, target); baseline 1 (cosine 0).
+    combined: mse + cos_weight * cosine; baseline mean(target^2) + cos_weight.
+    """
+    if kind not in DELTA_KINDS:
+        raise LossError(f"delta_loss kind: {kind!r} is not one of {', '.join(DELTA_KINDS)}")
+    if pred.shape != target.shape or pred.dim() != 2:
+        raise LossError(
+            f"delta_loss: pred {list(pred.shape)} and target {list(target.shape)} must both be "
+            "[n, hidden]"
+        )
+    pred = pred.float()
+    target = target.float().to(pred.device)
+    mse = ((pred - target) ** 2).mean()
+    mse_base = float((target**2).mean())
+    if kind == "mse":
+        return LossOut(mse, mse_base)
+    cos = 1.0 - torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-8).mean()
+    if kind == "cosine":
+        return LossOut(cos, 1.0)
+    return LossOut(mse + cos_weight * cos, mse_base + cos_weight)

@@ -1,0 +1,168 @@
+"""Generators: output structure, gradient flow, batched == looped, and bad arguments."""
+
+import pytest
+import torch
+from llgbm_flora import LoraSpec
+from llgbm_flora.testing import random_batch
+from llgbm_train.generators import (
+    DnDGenerator,
+    GeneratorError,
+    T2LGenerator,
+    build_generator,
+)
+from llgbm_train.weight_tokens import WeightTokenizer
+
+SHAPES = (
+    ("q_proj", 32, 32),
+    ("k_proj", 32, 16),
+    ("v_proj", 32, 16),
+    ("o_proj", 32, 32),
+    ("gate_proj", 32, 64),
+    ("up_proj", 32, 64),
+    ("down_proj", 64, 32),
+)
+N_PROMPTS, MAX_TOKENS, COND_DIM = 3, 8, 16
+
+CASES = {
+    "dnd": {"kind": "dnd", "tokens": True, "kw": {"n_blocks": 3, "kernel": 3}},
+    "dnd-channels": {
+        "kind": "dnd",
+        "tokens": True,
+        "kw": {"n_blocks": 2, "kernel": 3, "channels": [40], "max_group_channels": 8},
+    },
+    "t2l-raw": {"kind": "t2l", "tokens": False, "kw": {"hidden": 32, "emb_dim": 8}},
+    "t2l-tokens": {"kind": "t2l", "tokens": True, "kw": {"hidden": 32, "emb_dim": 8}},
+    "t2l-factored": {
+        "kind": "t2l",
+        "tokens": False,
+        "kw": {"hidden": 32, "emb_dim": 8, "head_rank": 4},
+    },
+}
+
+
+@pytest.fixture
+def spec() -> LoraSpec:
+    torch.manual_seed(0)
+    return LoraSpec(
+        base_model="tiny",
+        target_modules=tuple(m for m, _, _ in SHAPES),
+        layers=(0, 1),
+        rank=4,
+        alpha=8.0,
+        shapes=SHAPES,
+    )
+
+
+def make(spec, case):
+    tok = None
+    if case["tokens"]:
+        tok = WeightTokenizer(spec, slab_width=16).fit(random_batch(spec, 4, seed=1))
+    return build_generator(
+        case["kind"],
+        spec=spec,
+        cond_dim=COND_DIM,
+        n_prompts=N_PROMPTS,
+        max_tokens=MAX_TOKENS,
+        weight_tokenizer=tok,
+        **case["kw"],
+    )
+
+
+def condition(b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(b, N_PROMPTS, MAX_TOKENS, COND_DIM, generator=g)
+    mask = torch.ones(b, N_PROMPTS, MAX_TOKENS, dtype=torch.bool)
+    mask[:, :, 5:] = False  # padded tokens
+    return cond, mask
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generator_output_structure_and_gradients(spec, name):
+    gen = make(spec, CASES[name])
+    cond, mask = condition(2)
+    cond.requires_grad_(True)
+    lora = gen(cond, mask)
+    assert len(lora) == 2 and lora.spec == spec
+    keys = spec.keys()
+    for key in keys:
+        d_in, d_out = spec.in_out(key[1])
+        assert lora.A[key].shape == (2, 4, d_in)
+        assert lora.B[key].shape == (2, d_out, 4)
+        # a usable LoRA from the start: both factors non-zero
+        assert lora.A[key].abs().max() > 0 and lora.B[key].abs().max() > 0
+    loss = sum((lora.spec.scale * lora.B[k] @ lora.A[k]).pow(2).sum() for k in keys)
+    loss.backward()
+    missing = [n for n, p in gen.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient reaches {missing}"
+    assert cond.grad is not None and cond.grad.abs().sum() > 0
+    # different conditions give different adapters
+    other = gen(*condition(2, seed=1))
+    assert not torch.allclose(other.A[(1, "down_proj")], lora.A[(1, "down_proj")])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_generator_batched_equals_looped_and_ignores_padding(spec, name):
+    gen = make(spec, CASES[name])
+    cond, mask = condition(3)
+    with torch.no_grad():
+        batched = gen(cond, mask)
+        for i in range(3):
+            single = gen(cond[i : i + 1], mask[i : i + 1])
+            for key in [(0, "q_proj"), (1, "down_proj")]:
+                torch.testing.assert_close(single.A[key][0], batched.A[key][i])
+                torch.testing.assert_close(single.B[key][0], batched.B[key][i])
+        noisy = cond.clone()
+        noisy[~mask] = 100.0  # what sits under the mask must not matter
+        again = gen(noisy, mask)
+    torch.testing.assert_close(again.B[(0, "v_proj")], batched.B[(0, "v_proj")])
+
+
+def test_dnd_shape_schedule(spec):
+    gen = make(spec, CASES["dnd-channels"])
+    assert isinstance(gen, DnDGenerator)
+    n_tokens = gen.tokenizer.n_tokens
+    assert gen.shapes[0] == (N_PROMPTS, MAX_TOKENS, COND_DIM)
+    assert gen.shapes[1][0] == 40
+    assert gen.shapes[-1] == (n_tokens, 4, 16)
+    assert gen.tokens(*condition(1)).shape == (1, n_tokens, 4, 16)
+    with pytest.raises(GeneratorError, match="n_prompts=3"):
+        gen(torch.zeros(1, 2, MAX_TOKENS, COND_DIM), torch.ones(1, 2, MAX_TOKENS, dtype=torch.bool))
+    with pytest.raises(GeneratorError, match="mask"):
+        gen(torch.zeros(1, 3, MAX_TOKENS, COND_DIM), torch.ones(1, 3, 2, dtype=torch.bool))
+
+
+def test_dnd_default_schedule_reaches_n_tokens_before_the_last_block(spec):
+    gen = make(spec, CASES["dnd"])
+    n_tokens = gen.tokenizer.n_tokens
+    assert [s[0] for s in gen.shapes] == [N_PROMPTS, 14, n_tokens, n_tokens]
+    assert [s[1] for s in gen.shapes] == [MAX_TOKENS, 6, 5, 4]
+    assert all(s[2] == 16 for s in gen.shapes)
+
+
+def test_t2l_raw_init_matches_peft_scales(spec):
+    gen = make(spec, CASES["t2l-raw"])
+    assert isinstance(gen, T2LGenerator)
+    with torch.no_grad():
+        lora = gen(*condition(1))
+    a, b = lora.A[(0, "down_proj")], lora.B[(0, "down_proj")]
+    bound = 1 / 64**0.5
+    assert 0.3 * bound < a.abs().max() < 1.5 * bound
+    assert 0 < b.abs().max() < 0.05 * bound
+
+
+def test_build_generator_bad_arguments(spec):
+    kw = {"spec": spec, "cond_dim": COND_DIM, "n_prompts": N_PROMPTS, "max_tokens": MAX_TOKENS}
+    with pytest.raises(GeneratorError, match="kind"):
+        build_generator("gan", weight_tokenizer=None, **kw)
+    with pytest.raises(GeneratorError, match="weight_tokenizer"):
+        build_generator("dnd", weight_tokenizer=None, **kw)
+    with pytest.raises(GeneratorError, match=r"unknown option.*depth"):
+        build_generator("t2l", weight_tokenizer=None, depth=3, **kw)
+    tok = WeightTokenizer(spec, slab_width=16)
+    with pytest.raises(GeneratorError, match="kernel"):
+        build_generator("dnd", weight_tokenizer=tok, kernel=4, **kw)
+    with pytest.raises(GeneratorError, match="channels"):
+        build_generator("dnd", weight_tokenizer=tok, n_blocks=3, channels=[5], **kw)
+    other = WeightTokenizer(spec.replace(rank=2), slab_width=16)
+    with pytest.raises(GeneratorError, match="different LoRA spec"):
+        build_generator("t2l", weight_tokenizer=other, **kw)
