@@ -1,0 +1,217 @@
+"""The one delta definition, differentiable: probes -> base activation -> deltas of adapters.
+
+    v(model; probes) = mean over probes p of pool(hidden_states[layer](model; p))   # [hidden]
+    delta(adapter)   = v(base + adapter) - v(base)                                 # float32
+
+`pool` takes the last real token ("last", the paper's rule) or the mean over real tokens
+("mean"). Positions and the last token come from the attention mask, so left and right padding
+give the same result. Only the backbone runs (no LM head). Teachers (`compute_deltas`) and
+generated adapters (training) both go through `delta_for_lora`; there is no second copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from llgbm_flora import LoraAdapter, LoraBatch, functional_forward
+from torch import Tensor, nn
+
+from llgbm_delta.errors import DeltaSpecError, ProbeError
+from llgbm_delta.probes import ProbeSet, generic_probes
+from llgbm_delta.spec import DEFAULT_SPEC, DeltaSpec
+
+
+@dataclass(frozen=True)
+class ProbeBatch:
+    """Probes tokenised once: the exact model inputs every delta uses."""
+
+    input_ids: Tensor  # [P, T] int64
+    attention_mask: Tensor  # [P, T] int64, 1 on real tokens
+    position_ids: Tensor  # [P, T] int64, counted over real tokens only (0 on padding)
+    token_hash: str  # sha256 of the unpadded token ids; ties the tokenizer into cache keys
+    probe_hash: str  # ProbeSet.hash of the texts
+
+    @property
+    def n_probes(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str | None) -> ProbeBatch:
+        if device is None:
+            return self
+        return ProbeBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.token_hash,
+            self.probe_hash,
+        )
+
+    def model_inputs(self, n_adapters: int = 1) -> dict[str, Tensor]:
+        """Inputs for n adapters x P probes, adapter-major: rows [i*P, (i+1)*P) are adapter i."""
+        return {
+            "input_ids": self.input_ids.repeat(n_adapters, 1),  # [n*P, T]
+            "attention_mask": self.attention_mask.repeat(n_adapters, 1),  # [n*P, T]
+            "position_ids": self.position_ids.repeat(n_adapters, 1),  # [n*P, T]
+        }
+
+
+def encode_probes(
+    tokenizer, probes: ProbeSet, *, padding_side: str = "right", device=None
+) -> ProbeBatch:
+    """Tokenise each probe on its own (special tokens as the tokenizer adds them), then pad.
+
+    Padding is done here, not by the tokenizer, so a tokenizer without a pad token works and
+    `padding_side` is explicit. The pad id is irrelevant: padded positions are masked out.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    ids = [list(tokenizer(text)["input_ids"]) for text in probes.texts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ProbeError(f"probe set {probes.name!r}: probe {i} tokenises to no tokens")
+    width = max(len(row) for row in ids)
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # [P, T]
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # [P, T]
+    for i, row in enumerate(ids):
+        sl = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, sl] = torch.tensor(row, dtype=torch.long)
+        mask[i, sl] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, T]
+    token_hash = hashlib.sha256(json.dumps(ids, separators=(",", ":")).encode()).hexdigest()
+    return ProbeBatch(input_ids, mask, position_ids, token_hash, probes.hash).to(device)
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token, for any padding side. [B, T] -> [B]."""
+    T = attention_mask.shape[-1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)  # [B, T]
+    return torch.where(attention_mask.bool(), pos, -1).max(-1).values
+
+
+def pool_tokens(hidden: Tensor, attention_mask: Tensor, token: str) -> Tensor:
+    """Pool hidden states over tokens in float32 (float64 stays). [B, T, H], [B, T] -> [B, H]."""
+    h = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    if token == "last":
+        idx = last_token_index(attention_mask)  # [B]
+        return h[torch.arange(h.shape[0], device=h.device), idx]
+    if token == "mean":
+        m = attention_mask.bool().unsqueeze(-1)  # [B, T, 1]
+        # where(), not multiply: padded rows may hold NaN/inf under some attention kernels.
+        return torch.where(m, h, 0.0).sum(1) / m.sum(1).clamp(min=1)
+    raise DeltaSpecError(f"DeltaSpec.token must be 'last' or 'mean', got {token!r}")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (`model.model` for a CausalLM), or model itself."""
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _hidden(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    spec: DeltaSpec,
+    lora: LoraAdapter | LoraBatch | None,
+    adapter_chunk_size: int | None,
+    gradient_checkpointing: bool,
+) -> Tensor:
+    """The hidden state the spec selects. -> [B, T, H] (model dtype)."""
+    backbone = backbone_of(model)
+    kwargs = dict(inputs, use_cache=False)
+    if spec.layer != -1:
+        kwargs["output_hidden_states"] = True
+    if lora is None:
+        out = backbone(**kwargs)
+    else:
+        out = functional_forward(
+            backbone,
+            lora,
+            adapter_chunk_size=adapter_chunk_size,
+            gradient_checkpointing=gradient_checkpointing,
+            **kwargs,
+        )
+    if spec.layer == -1:
+        return out.last_hidden_state
+    n = len(out.hidden_states)
+    if not -n <= spec.layer < n:
+        raise DeltaSpecError(
+            f"DeltaSpec.layer={spec.layer} is out of range: the model has {n} hidden states"
+        )
+    return out.hidden_states[spec.layer]
+
+
+def activations(
+    model: nn.Module,
+    batch: ProbeBatch,
+    spec: DeltaSpec = DEFAULT_SPEC,
+    lora: LoraAdapter | LoraBatch | None = None,
+    *,
+    adapter_chunk_size: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> Tensor:
+    """v for the base (lora=None) or each adapter of `lora`. -> [n_adapters, H] float32."""
+    n = len(lora) if isinstance(lora, LoraBatch) else 1
+    inputs = batch.model_inputs(n)  # [n*P, T] each
+    hidden = _hidden(model, inputs, spec, lora, adapter_chunk_size, gradient_checkpointing)
+    pooled = pool_tokens(hidden, inputs["attention_mask"], spec.token)  # [n*P, H] fp32
+    return pooled.view(n, batch.n_probes, -1).mean(1)  # [n, H]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_batch(tokenizer, probes: ProbeSet | ProbeBatch | None, model: nn.Module) -> ProbeBatch:
+    if isinstance(probes, ProbeBatch):
+        return probes.to(_device_of(model))
+    return encode_probes(tokenizer, probes or generic_probes(), device=_device_of(model))
+
+
+@torch.no_grad()
+def base_activation(
+    model: nn.Module,
+    tokenizer,
+    probes: ProbeSet | ProbeBatch | None = None,
+    spec: DeltaSpec = DEFAULT_SPEC,
+) -> Tensor:
+    """v(base): the mean pooled hidden state of the base model over the probes. -> [H] float32."""
+    return activations(model, _as_batch(tokenizer, probes, model), spec)[0]
+
+
+def delta_for_lora(
+    model: nn.Module,
+    tokenizer,
+    lora: LoraBatch | LoraAdapter,
+    probes: ProbeSet | ProbeBatch | None = None,
+    spec: DeltaSpec = DEFAULT_SPEC,
+    *,
+    base: Tensor | None = None,
+    adapter_chunk_size: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> Tensor:
+    """Deltas of a batch of adapters, differentiable wrt the adapter tensors. -> [n, H] float32.
+
+    (float64 if the model runs in float64, e.g. for finite-difference checks.)
+
+    `base` is `base_activation(...)` for the same model, probes and spec; pass it to skip
+    recomputing it every call (training does). A single LoraAdapter gives [1, H].
+    """
+    batch = _as_batch(tokenizer, probes, model)
+    if base is None:
+        base = base_activation(model, tokenizer, batch, spec)
+    if isinstance(lora, LoraAdapter):
+        lora = LoraBatch.from_adapters([lora])
+    v = activations(
+        model,
+        batch,
+        spec,
+        lora,
+        adapter_chunk_size=adapter_chunk_size,
+        gradient_checkpointing=gradient_checkpointing,
+    )  # [n, H]
+    return v - base.to(v.device, v.dtype)

@@ -1,0 +1,108 @@
+"""Content hashes: base model fingerprints and adapter content hashes for cache keys.
+
+`model_fingerprint(model)` = sha256 over
+- the model config (`config.to_dict()` without runtime switches and paths, keys sorted), and
+- every parameter (sorted by name): name, dtype, shape, and
+  - all its bytes, when the model's parameters total at most `FULL_HASH_MAX_BYTES` (1 GiB:
+    every tiny or 135M model), or
+  - for larger models, a strided sample of `SAMPLE_PER_TENSOR` elements plus the float64 sum
+    and sum of squares of the whole tensor. Any realistic weight change (fine-tuning, a merged
+    adapter, another checkpoint) moves the sums; a crafted edit that keeps both sums and misses
+    the sample would not be seen, which is the price of not hashing 3 GB on every run.
+
+`adapter_content_hash(adapter)` = sha256 over the fields of the LoRA structure that change the
+computation (rank, alpha, rsLoRA, target modules, layers, shapes) and every A and B tensor's
+dtype, shape and bytes in canonical (layer, module) order. The path and the
+`base_model_name_or_path` string do not count, so a moved adapter keeps its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+FULL_HASH_MAX_BYTES = 1 << 30
+SAMPLE_PER_TENSOR = 4096
+# Config fields that are runtime switches or provenance, not part of what the model computes.
+_CONFIG_IGNORE = {
+    "transformers_version",
+    "name_or_path",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "attn_implementation",
+}
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor (any dtype, bf16 included) in row-major order."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(torch.uint8).cpu().numpy().tobytes()
+
+
+def config_digest(config) -> str:
+    """sha256 of a model config, ignoring runtime switches and private fields."""
+    d = {
+        k: v
+        for k, v in config.to_dict().items()
+        if not k.startswith("_") and k not in _CONFIG_IGNORE
+    }
+    blob = json.dumps(d, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _update_tensor_sampled(h, t: torch.Tensor) -> None:
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE_PER_TENSOR)
+    h.update(tensor_bytes(flat[::step][:SAMPLE_PER_TENSOR]))
+    f = flat.double()
+    h.update(repr((f.sum().item(), (f * f).sum().item())).encode())
+
+
+@torch.no_grad()
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A sha256 hex string that changes when the config or any weight changes (see module doc)."""
+    h = hashlib.sha256(b"llgbm-model-fingerprint/1\0")
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config_digest(config).encode())
+    params = sorted(model.named_parameters(), key=lambda kv: kv[0])
+    total = sum(p.numel() * p.element_size() for _, p in params)
+    full = total <= FULL_HASH_MAX_BYTES
+    h.update(b"full" if full else b"sampled")
+    for name, p in params:
+        h.update(f"\0{name}\0{p.dtype}\0{tuple(p.shape)}\0".encode())
+        if full:
+            h.update(tensor_bytes(p))
+        else:
+            _update_tensor_sampled(h, p)
+    return h.hexdigest()
+
+
+def adapter_content_hash(adapter) -> str:
+    """sha256 of a LoRA adapter's structure and tensors (see module doc); path-independent."""
+    spec = adapter.spec
+    h = hashlib.sha256(b"llgbm-adapter-content/1\0")
+    structure = {
+        "rank": int(spec.rank),
+        "alpha": float(spec.alpha),
+        "use_rslora": bool(spec.use_rslora),
+        "target_modules": sorted(spec.target_modules),
+        "layers": sorted(int(i) for i in spec.layers),
+        "shapes": sorted([list(s) for s in spec.shapes]),
+    }
+    h.update(json.dumps(structure, sort_keys=True, separators=(",", ":")).encode())
+    for key in sorted(set(adapter.A) | set(adapter.B)):
+        for part, tensors in (("A", adapter.A), ("B", adapter.B)):
+            t = tensors.get(key)
+            if t is None:
+                h.update(f"\0{part}{key}\0missing".encode())
+                continue
+            h.update(f"\0{part}{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(tensor_bytes(t))
+    return h.hexdigest()
