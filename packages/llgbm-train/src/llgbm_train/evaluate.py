@@ -48,7 +48,7 @@ def bootstrap_ci(correct, n_boot: int, seed: int) -> tuple[float, float, float]:
 
 
 def mean_adapter(teachers):
-    """Delta-W average of a LoraBatch as one LoraAdapter (exact: SVD at rank min(n r, in, out))."""
+    """Delta-W average of a LoraBatch as one LoraAdapter (exact: SVD at rank <= min(n r, in, out))."""
     from llgbm_flora import LoraAdapter
 
     spec = teachers.spec
@@ -63,9 +63,10 @@ def mean_adapter(teachers):
         B[key] = (u[:, :k] * root).float()  # [out, k]
         A[key] = (root[:, None] * vh[:k]).float()  # [k, in]
         ranks.append(k)
-    k = min(ranks)
-    A = {key: v[:k] for key, v in A.items()}
-    B = {key: v[:, :k] for key, v in B.items()}
+    # One rank for every key: zero-pad the factors of keys with fewer singular values.
+    k = max(ranks)
+    A = {key: torch.nn.functional.pad(v, (0, 0, 0, k - v.shape[0])) for key, v in A.items()}
+    B = {key: torch.nn.functional.pad(v, (0, k - v.shape[1])) for key, v in B.items()}
     # Scale 1 so the factors carry the whole update (alpha = r, or sqrt(r) with rsLoRA).
     alpha = float(k) ** 0.5 if spec.use_rslora else float(k)
     return LoraAdapter(replace(spec, rank=k, alpha=alpha), A, B)
@@ -161,7 +162,10 @@ def evaluate(
     setup: Setup, generator, *, out_dir: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Score base / mean of teachers / oracle / generated on every evaluated task."""
-    from llgbm_worlds import score
+    try:
+        from llgbm_worlds import score
+    except ImportError:  # older llgbm_worlds without the top-level export
+        from llgbm_worlds.scoring import score
 
     ec = setup.cfg.eval
     mean = mean_adapter(setup.data.teachers)

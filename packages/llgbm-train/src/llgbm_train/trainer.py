@@ -116,6 +116,10 @@ def build_model_parts(cfg: Config, spec, teachers, device: torch.device, cache_d
         cache_dir=cache_dir,
         **g.encoder_options,
     )
+    if any(p.requires_grad for p in encoder.parameters()):
+        # The optimiser and checkpoints cover the generator only; a silently frozen encoder
+        # would be worse than this error.
+        raise TrainingError("generator.encoder_options: a trainable encoder is not supported")
     wt = WeightTokenizer(spec, slab_width=g.slab_width).fit(teachers)
     torch.manual_seed(cfg.training.seed)
     try:
@@ -284,7 +288,12 @@ def train(
         )
     if resume and run_dir is not None and not (Path(run_dir) / "config.yaml").is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no run directory)")
-    setup = prepare(cfg, device=acc.device, progress=progress and main)
+    # The main process builds a missing world and fills the delta cache first; the others then
+    # read what it wrote instead of racing it.
+    setup = prepare(cfg, device=acc.device, progress=progress) if main else None
+    acc.wait_for_everyone()
+    if setup is None:
+        setup = prepare(cfg, device=acc.device, progress=False)
     gen = setup.generator
     opt = torch.optim.AdamW(gen.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -412,8 +421,8 @@ def train(
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
         vals = torch.tensor(
-            [float(loss), float(gnorm)]
-            + [float(t.value) for t in terms.values()]
+            [float(loss.detach()), float(gnorm)]
+            + [float(t.value.detach()) for t in terms.values()]
             + [float(t.baseline) for t in terms.values()],
             device=setup.device,
         )

@@ -1,0 +1,36 @@
+"""Fixtures for the training tests: a minimal world (built once per session) and configs for it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # train_world.py, also run as a script
+
+import train_world
+from train_world import small_config
+
+
+@pytest.fixture(scope="session")
+def mini_world(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return train_world.build(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture
+def patched_world(monkeypatch, mini_world) -> Path:
+    import llgbm_train.data as D
+
+    monkeypatch.setattr(D, "load_world", train_world._load)
+    return mini_world
+
+
+@pytest.fixture
+def make_config(patched_world, tmp_path):
+    def make(*overrides: str):
+        return small_config(patched_world, tmp_path / "runs", *overrides)
+
+    return make

@@ -1,0 +1,142 @@
+"""The ``llgbm`` CLI end to end on the minimal world: train, evaluate, verify, compute-deltas, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from llgbm_train.cli import main
+from llgbm_train.config import save_config
+from train_world import small_config
+
+LLGBM = Path(sys.executable).parent / "llgbm"
+
+
+@pytest.fixture
+def config_file(patched_world, tmp_path) -> Path:
+    cfg = small_config(patched_world, tmp_path / "runs", "training.steps=4")
+    return save_config(dataclasses.replace(cfg, name=None), tmp_path / "tiny.yaml")
+
+
+def test_help_names_every_command():
+    out = subprocess.run(
+        [str(LLGBM), "--help"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for cmd in ("verify", "train", "train-delta-only", "compute-deltas", "world", "evaluate"):
+        assert cmd in out
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_end_to_end(config_file, tmp_path, capsys):
+    assert main(["train", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "tiny"
+    for label in ("base", "mean of teachers", "oracle", "generated", "95% CI"):
+        assert label in out
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert set(report["summary"]) == {"base", "mean_teachers", "teacher", "generated"}
+    assert report["summary"]["teacher"]["delta_cos"] == pytest.approx(1.0)
+    assert report["n_tasks"] == 3
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["add_3", "code_3", "shift_3"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    # A second `train` of the same config never overwrites: it picks the next free name.
+    assert main(["train", str(config_file), "training.steps=1", "--no-eval"]) == 0
+    assert (tmp_path / "runs" / "tiny-2" / "config.yaml").is_file()
+    # `llgbm evaluate RUN` re-scores the saved run from its newest checkpoint.
+    (run / "eval" / "report.json").unlink()
+    assert main(["evaluate", str(run)]) == 0
+    again = json.loads((run / "eval" / "report.json").read_text())
+    assert again["summary"]["generated"] == report["summary"]["generated"]
+
+
+def test_stop_and_resume_from_the_cli(config_file, tmp_path, capsys):
+    assert main(["train", str(config_file), "--name", "r", "--stop-after", "2"]) == 0
+    run = tmp_path / "runs" / "r"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert main(["train", str(config_file), "--name", "r", "--resume", "--no-eval"]) == 0
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_train_delta_only_sets_the_objective(config_file, tmp_path):
+    assert (
+        main(
+            [
+                "train-delta-only",
+                "--variant",
+                "b1",
+                str(config_file),
+                "training.steps=2",
+                "--name",
+                "donly",
+                "--no-eval",
+            ]
+        )
+        == 0
+    )
+    cfg = (tmp_path / "runs" / "donly" / "config.yaml").read_text()
+    assert "objective: delta_only" in cfg and "variant: b1" in cfg
+    rec = json.loads((tmp_path / "runs/donly/metrics.jsonl").read_text().splitlines()[-1])
+    assert "loss_norm" in rec
+
+
+def test_verify_and_compute_deltas(config_file, patched_world, tmp_path, capsys):
+    assert (
+        main(["compute-deltas", "--config", str(config_file), "--world", str(patched_world)]) == 0
+    )
+    assert "18 teacher deltas" in capsys.readouterr().out
+    assert main(["verify", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    assert "one training step: loss" in out and out.rstrip().endswith("ok")
+    assert not (tmp_path / "runs" / "tiny").exists()  # verify writes no run
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (
+            ["train", "{cfg}", "training.lrr=1"],
+            "unknown key 'training.lrr' (did you mean 'training.lr'?",
+        ),
+        (["train", "{cfg}", "generator.kind=gan"], "generator.kind: 'gan' is not allowed"),
+        (["train", "missing.yaml"], "missing.yaml: config file not found"),
+        (["train", "{cfg}", "--resume", "--name", "nope"], "no run to resume"),
+        (["train", "{cfg}", "world.dir=/nonexistent/w"], "no world.json"),
+        (["evaluate", "/nonexistent/run"], "not a run directory"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(config_file, tmp_path, capsys, argv, needle):
+    argv = [a.replace("{cfg}", str(config_file)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert "Traceback" not in err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.name != "delta_cache"]
+
+
+def test_error_exit_code_from_the_real_entry_point(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  stepz: 3\n")
+    proc = subprocess.run(
+        [str(LLGBM), "train", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {bad}: unknown key 'training.stepz' (did you mean 'training.steps'? allowed: "
+        + proc.stderr.split("allowed: ", 1)[1].strip()
+    )
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,140 @@
+"""The trainer on a minimal world: objectives, resume equality, NaN guard, bad input, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import llgbm_train.losses as L
+import pytest
+import torch
+from llgbm_train import data as D
+from llgbm_train.evaluate import heldout_delta_error, mean_adapter
+from llgbm_train.runs import RunError
+from llgbm_train.trainer import TrainingError, delta_w_sq_norms, train
+
+
+@pytest.mark.parametrize("objective", ["baseline", "delta_multi", "delta_only"])
+def test_objectives_train_and_log_losses_with_baselines(make_config, tmp_path, objective):
+    cfg = make_config(f"training.objective={objective}", "training.steps=3")
+    result = train(cfg, tmp_path / "run", progress=False)
+    recs = result.run.read_metrics()
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        for name in ("loss_w", "loss_d"):
+            assert r[name] >= 0 and r[name + "_baseline"] > 0
+    if objective == "delta_only":
+        assert "loss_norm" in recs[0] and recs[0]["loss_norm_baseline"] == 0.0
+    if objective == "baseline":
+        assert recs[-1]["loss"] == pytest.approx(recs[-1]["loss_w"])
+    meta = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert meta["config_hash"] == cfg.hash
+    assert len(meta["world"]["hash"]) == 16 and meta["delta_cache"]["teacher_deltas_hash"]
+    assert set(meta["git"]) == {"commit", "dirty"} and meta["environment"]["packages"]["torch"]
+    assert [p.name for p in result.run.checkpoints()] == ["step_000002.pt", "step_000003.pt"]
+
+
+def test_resume_gives_identical_metrics(make_config, tmp_path):
+    cfg = make_config("training.steps=6", "training.checkpoint_every=4")
+    full = train(cfg, tmp_path / "full", progress=False)
+    part = train(cfg, tmp_path / "part", stop_after=3, progress=False)
+    assert part.step == 3 and part.stopped_early
+    # A killed run may have logged past its checkpoint: resume must drop that line.
+    part.run.append_metrics({"step": 4, "loss": -1.0})
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed.step == 6
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == (
+        tmp_path / "full" / "metrics.jsonl"
+    ).read_text()
+    for a, b in zip(full.generator.state_dict().values(), resumed.generator.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.run.metadata()["resumed_at"] == [{"step": 3}]
+
+
+def test_resume_with_another_config_is_one_clear_line(make_config, tmp_path):
+    cfg = make_config("training.steps=2")
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(RunError, match="checkpoint was written by another config") as e:
+        train(
+            make_config("training.steps=2", "training.lr=0.1"),
+            tmp_path / "run",
+            resume=True,
+            progress=False,
+        )
+    assert "\n" not in str(e.value)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, tmp_path, monkeypatch):
+    real = L.delta_loss
+    calls = {"n": 0}
+
+    def poisoned(pred, target, **kw):
+        calls["n"] += 1
+        out = real(pred, target, **kw)
+        return out._replace(value=out.value * float("nan")) if calls["n"] == 3 else out
+
+    monkeypatch.setattr(L, "delta_loss", poisoned)
+    cfg = make_config("training.steps=6", "training.checkpoint_every=2")
+    with pytest.raises(
+        TrainingError, match=r"non-finite loss or gradient at step 3 .*step_000002\.pt"
+    ):
+        train(cfg, tmp_path / "run", progress=False)
+    ckpt = torch.load(tmp_path / "run/checkpoints/step_000002.pt", weights_only=False)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "needle"),
+    [
+        ("lora.rank=8", TrainingError, "lora.rank: config says 8 but"),
+        ("generator.options={depth: 3}", ValueError, "depth"),
+        ("probe.set=no_such_probes", D.DataError, "probe.set: 'no_such_probes'"),
+    ],
+)
+def test_bad_input_leaves_no_run_dir(make_config, tmp_path, override, error, needle):
+    with pytest.raises(error, match=needle):
+        train(make_config(override), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_missing_world_is_one_line(make_config, tmp_path):
+    cfg = make_config(f"world.dir={tmp_path / 'nowhere'}")
+    with pytest.raises(D.DataError, match=r"no world\.json"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_delta_w_norms_match_dense(make_config):
+    from llgbm_train.trainer import prepare
+
+    setup = prepare(make_config(), progress=False)
+    t = setup.data.teachers
+    got = delta_w_sq_norms(t)  # [n, n_keys]
+    keys = t.spec.keys()
+    for j, key in enumerate(keys):
+        dense = torch.stack([t[i].delta_weight(key) for i in range(len(t))])  # [n, out, in]
+        torch.testing.assert_close(got[:, j], dense.pow(2).sum((1, 2)), rtol=1e-4, atol=1e-6)
+    mean = mean_adapter(t)
+    for key in keys:
+        want = torch.stack([t[i].delta_weight(key) for i in range(len(t))]).mean(0)
+        torch.testing.assert_close(mean.delta_weight(key), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trained_generator_beats_untrained_on_heldout_delta(make_config, tmp_path):
+    cfg = make_config(
+        "training.steps=30",
+        "training.checkpoint_every=30",
+        "training.lr=1e-2",
+        "training.warmup_steps=5",
+        "training.lambda_d_warmup=10",
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    from llgbm_train.trainer import prepare
+
+    untrained = prepare(cfg, progress=False)  # same seed: the generator the run started from
+    before = heldout_delta_error(untrained, untrained.generator)
+    after = heldout_delta_error(result.setup, result.generator)
+    assert after < 0.7 * before, (before, after)
