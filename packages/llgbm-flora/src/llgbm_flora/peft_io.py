@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .errors import LoraFormatError, LoraKeyMismatchError
-from .spec import LoraAdapter, LoraKey, LoraSpec
+from .spec import LoraAdapter, LoraKey, LoraSpec, module_order
 
 __all__ = ["from_peft_state_dict", "load_adapter", "peft_key", "save_adapter", "to_peft_state_dict"]
 
@@ -274,19 +274,20 @@ def from_peft_state_dict(
             continue
         tensors[(key, m["ab"])] = value
         templates.setdefault(m["mod"], set()).add(f"{m['pre']}.{{layer}}.{m['sub']}{m['mod']}")
-    modules = sorted(targets if targets is not None else {k[1] for k, _ in tensors})
+    modules = sorted(
+        targets if targets is not None else {k[1] for k, _ in tensors}, key=module_order
+    )
     found_layers = sorted({k[0] for k, _ in tensors})
     if cfg["layers"] is not None:
         layers = sorted(set(cfg["layers"]))
     else:  # all layers of the model: any gap below the highest layer seen is missing
         layers = list(range(found_layers[-1] + 1)) if found_layers else []
-    missing = [
-        f"{(i, m)}.lora_{ab}"
-        for i in layers
-        for m in modules
-        for ab in "AB"
-        if ((i, m), ab) not in tensors
-    ]
+    missing = []
+    for i in layers:
+        for m in modules:
+            absent = [ab for ab in "AB" if ((i, m), ab) not in tensors]
+            if absent:
+                missing.append(f"{(i, m)}" + ("" if len(absent) == 2 else f".lora_{absent[0]}"))
     if missing or extra or not tensors:
         if not tensors and not missing:
             missing = [

@@ -33,7 +33,8 @@ LoraKey = tuple[int, str]
 STANDARD_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _module_order(name: str) -> tuple[int, str]:
+def module_order(name: str) -> tuple[int, str]:
+    """Sort key giving target modules their canonical order."""
     return (STANDARD_MODULES.index(name), "") if name in STANDARD_MODULES else (99, name)
 
 
@@ -77,16 +78,16 @@ class LoraSpec:
             raise LoraError(f"LoraSpec.layers must be non-negative ints, got {layers!r}")
         if len(set(layers)) != len(layers):
             raise LoraError(f"LoraSpec.layers has duplicates: {layers}")
-        targets = tuple(sorted(targets, key=_module_order))
+        targets = tuple(sorted(targets, key=module_order))
         shapes = tuple((str(m), int(i), int(o)) for m, i, o in self.shapes)
         if shapes:
             names = [m for m, _, _ in shapes]
-            if sorted(names, key=_module_order) != list(targets):
+            if sorted(names, key=module_order) != list(targets):
                 raise LoraError(
                     f"LoraSpec.shapes must list each target module once: got {names}, "
                     f"target_modules {list(targets)}"
                 )
-            shapes = tuple(sorted(shapes, key=lambda s: _module_order(s[0])))
+            shapes = tuple(sorted(shapes, key=lambda s: module_order(s[0])))
         paths = tuple(sorted(((str(m), str(p)) for m, p in self.module_paths)))
         for m, p in paths:
             if "{layer}" not in p:
