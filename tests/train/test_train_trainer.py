@@ -53,7 +53,7 @@ def test_resume_gives_identical_metrics(make_config, tmp_path):
 def test_resume_with_another_config_is_one_clear_line(make_config, tmp_path):
     cfg = make_config("training.steps=2")
     train(cfg, tmp_path / "run", progress=False)
-    with pytest.raises(RunError, match="checkpoint was written by another config") as e:
+    with pytest.raises(RunError, match="started with config hash") as e:
         train(
             make_config("training.steps=2", "training.lr=0.1"),
             tmp_path / "run",
@@ -138,3 +138,19 @@ def test_trained_generator_beats_untrained_on_heldout_delta(make_config, tmp_pat
     before = heldout_delta_error(untrained, untrained.generator)
     after = heldout_delta_error(result.setup, result.generator)
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_and_gradient_checkpointing_on_cuda(make_config, tmp_path):
+    cfg = make_config(
+        "model.device=cuda",
+        "training.precision=bf16",
+        "model.gradient_checkpointing=true",
+        "training.steps=3",
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.setup.device.type == "cuda"
+    assert next(result.generator.parameters()).device.type == "cuda"
+    recs = result.run.read_metrics()
+    assert len(recs) == 3 and all(r["grad_norm"] > 0 for r in recs)

@@ -81,6 +81,7 @@ def small_config(world: Path, runs: Path, *overrides: str):
         f"runs_dir={runs}",
         "world.build_if_missing=false",
         f"delta.cache_dir={runs / 'delta_cache'}",
+        "model.device=cpu",
         "generator.kind=t2l",
         "generator.encoder=light",
         "generator.n_prompts=4",

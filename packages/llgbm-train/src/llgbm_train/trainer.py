@@ -253,12 +253,45 @@ def _set_rng_state(state, rng: np.random.Generator, noise: torch.Generator) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_resumable(run: Run, cfg: Config, setup: Setup) -> None:
+    """A run continues only under its own config and the world it started with."""
+    from llgbm_train.runs import RunError
+
+    meta = run.metadata()
+    if meta.get("config_hash") != cfg.hash:
+        raise RunError(
+            f"{run.dir}: started with config hash {meta.get('config_hash')}, this config is "
+            f"{cfg.hash}; resume with the run's own config.yaml or start a new run with --name"
+        )
+    then, now = meta.get("world", {}).get("hash"), setup.metadata["world"]["hash"]
+    if then != now:
+        raise RunError(f"{run.dir}: the world changed since the run started ({then} -> {now})")
+
+
 def make_accelerator(cfg: Config):
+    """An Accelerator for this config (DDP when launched by accelerate launch / torchrun).
+
+    bf16 autocast is applied by the trainer itself (``autocast``), so the accelerator always
+    runs with mixed_precision="no". accelerate keeps one process-wide state; outside a
+    distributed launch it is reset so runs of different devices can follow each other in one
+    process (tests, notebooks).
+    """
+    import os
+
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = resolve_device(cfg)
-    bf16 = cfg.training.precision == "bf16" and device.type == "cuda"
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on CUDA when training.precision is bf16; fp32 otherwise (CPU included)."""
+    if cfg.training.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def train(
@@ -313,6 +346,7 @@ def train(
     if run_dir is not None:
         if resume:
             run = Run.open(run_dir)
+            check_resumable(run, cfg, setup)
             state = run.load_checkpoint(cfg) if run.checkpoints() else None
             if state is not None:
                 gen.load_state_dict(state["generator"])
@@ -382,12 +416,15 @@ def train(
             warmup_steps=tc.lambda_d_warmup,
             start=tc.lambda_d_start,
         )
-        with acc.autocast():
+        with autocast(cfg, setup.device):
             pred = ddp_gen(states, mask)  # LoraBatch [b]
         pred = pred.to(dtype=torch.float32)
         lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
         need_delta = tc.objective != "baseline"
-        with contextlib.nullcontext() if need_delta else torch.no_grad(), acc.autocast():
+        with (
+            contextlib.nullcontext() if need_delta else torch.no_grad(),
+            autocast(cfg, setup.device),
+        ):
             from llgbm_delta import delta_for_lora
 
             pd = (
