@@ -40,6 +40,16 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: one thread is faster, and two spinning threads on a shared 2-core box
+    # are several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def spec() -> LoraSpec:
     torch.manual_seed(0)

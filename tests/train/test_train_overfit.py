@@ -28,8 +28,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def world():
-    # Tiny models run fastest on one thread; two spinning threads on a loaded 2-core box are
-    # ~50x slower per op.
+    # Tiny models run fastest on one thread; two spinning threads on a loaded 2-core box were
+    # measured ~50x slower per op.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     torch.manual_seed(0)
