@@ -115,7 +115,8 @@ class ConditionEncoder(nn.Module):
                 if hit is not None:
                     self._remember(key, hit)
             if hit is not None:
-                self._memory.move_to_end(key)
+                if key in self._memory:
+                    self._memory.move_to_end(key)
                 found[text] = hit
         missing = [t for t in texts if t not in found]
         if missing:
@@ -204,6 +205,7 @@ class SbertEncoder(ConditionEncoder):
         else:
             name = Path(model_path).name
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.tokenizer.padding_side = "right"  # the cache stores each text's leading real tokens
         self.model = AutoModel.from_pretrained(str(model_path)).eval()
         self.model.requires_grad_(False)
         limit = self.model.config.max_position_embeddings
