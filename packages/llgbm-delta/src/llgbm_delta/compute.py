@@ -245,7 +245,7 @@ def run_deltas(
         if not keep_going:
             raise err
         failures.append(DeltaFailure(names[i], str(err)))
-        log.warning("%s", err)
+        log.info("skipped: %s", err)
 
     # Pending misses, grouped by LoRA structure (a LoraBatch needs one spec).
     pending: dict[object, list[tuple[int, LoraAdapter, str]]] = {}

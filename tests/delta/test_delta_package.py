@@ -1,0 +1,94 @@
+"""llgbm-delta stands alone: declared deps cover its imports, wheels stay light, README runs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "packages" / "llgbm-delta"
+FORBIDDEN = {"faiss", "faiss-cpu", "faiss-gpu", "streamlit", "sentence-transformers", "pyyaml"}
+FORBIDDEN |= {"llgbm-train", "llgbm-worlds", "llgbm-compose"}
+# import name -> distribution name, where they differ
+DIST_OF = {"llgbm_flora": "llgbm-flora", "yaml": "pyyaml"}
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs}
+
+
+def test_imports_are_declared_dependencies():
+    declared = _requirement_names(
+        tomllib.loads((PKG / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+    imported = set()
+    for path in (PKG / "src" / "llgbm_delta").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "llgbm_delta"}
+    dists = {DIST_OF.get(m, m).replace("_", "-") for m in third_party}
+    assert dists <= declared, f"imported but not declared: {sorted(dists - declared)}"
+    assert not declared & FORBIDDEN
+
+
+@pytest.mark.slow
+def test_wheels_require_nothing_heavy(tmp_path):
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv not on PATH")
+    for package in ("llgbm-flora", "llgbm-delta"):
+        subprocess.run(
+            [uv, "build", "--package", package, "--wheel", "--out-dir", str(tmp_path)],
+            cwd=PKG.parents[1],
+            check=True,
+            capture_output=True,
+        )
+    wheels = sorted(tmp_path.glob("*.whl"))
+    assert [w.name.split("-")[0] for w in wheels] == ["llgbm_delta", "llgbm_flora"]
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:
+            meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+            text = z.read(meta).decode()
+            entry_points = [n for n in z.namelist() if n.endswith("entry_points.txt")]
+            if wheel.name.startswith("llgbm_delta"):
+                assert "llgbm-delta = llgbm_delta.cli:main" in z.read(entry_points[0]).decode()
+        reqs = _requirement_names(re.findall(r"^Requires-Dist: (.+)$", text, flags=re.M))
+        assert reqs, wheel.name
+        assert not reqs & FORBIDDEN, f"{wheel.name} requires {sorted(reqs & FORBIDDEN)}"
+        assert reqs <= {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm",
+                        "tokenizers", "llgbm-flora"}, reqs  # fmt: skip
+
+
+def _readme_example() -> str:
+    text = (PKG / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    return blocks[0]
+
+
+def test_readme_example_runs(base_dir, adapter_dirs, tmp_path, monkeypatch, capsys):
+    code = _readme_example()
+    assert len([line for line in code.splitlines() if line.strip()]) <= 6
+    # Point the example's two inputs at a tiny local model and adapters; the rest runs verbatim.
+    code, n_base = re.subn(r"^base = .*$", f"base = {str(base_dir)!r}", code, flags=re.M)
+    local = [str(d) for d in adapter_dirs[:2]]
+    code, n_adapters = re.subn(r"^adapters = .*$", f"adapters = {local!r}", code, flags=re.M)
+    assert n_base == n_adapters == 1
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "(2, 64)"
+    from llgbm_delta import DeltaCache
+
+    entries = DeltaCache(tmp_path / "delta-cache").entries()
+    assert len(entries) == 2 and np.isfinite(entries[0].hidden_size)
