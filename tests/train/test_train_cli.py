@@ -140,3 +140,20 @@ def test_error_exit_code_from_the_real_entry_point(tmp_path):
         + proc.stderr.split("allowed: ", 1)[1].strip()
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_delta_cache_of_another_base_model_is_one_line(config_file, tmp_path, capsys):
+    from llgbm_delta import DeltaCache, compute_deltas
+    from llgbm_delta.testing import make_peft_adapter, tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    other = tiny_llama(vocab_size=len(tok), hidden_size=32, intermediate_size=64, seed=7)
+    adapter = make_peft_adapter(other, tmp_path / "other_adapter", seed=0)
+    cache = tmp_path / "foreign_cache"
+    compute_deltas((other, tok), [adapter], cache=DeltaCache(cache), progress=False)
+    assert main(["train", str(config_file), f"delta.cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1].split("\r")[-1]  # after the model-loading bar
+    assert last.startswith("error: ") and "use one cache directory per base model" in last
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "tiny").exists()

@@ -144,13 +144,14 @@ def cmd_train(args) -> int:
     cfg = _load(args.config, overrides)
     base = args.name or cfg.name
     runs = Path(cfg.runs_dir)
+    acc = make_accelerator(cfg)
     if args.resume:
         name = base
         if not (runs / name / "config.yaml").is_file():
             raise RunError(f"{runs / name}: no run to resume (check --name)")
     else:
         name = new_run_name(runs, base)
-    acc = make_accelerator(cfg)
+    acc.wait_for_everyone()  # every rank picked the name before rank 0 creates the directory
     result = train(
         cfg,
         runs / name,
