@@ -74,7 +74,12 @@ def mean_adapter(teachers):
 
 def eval_tasks(setup: Setup) -> list:
     which = setup.cfg.eval.tasks
-    tasks = [t for t in setup.world.tasks if which == "all" or t.split == which]
+    # Mixture tasks exist for the additivity experiments; they have no single-task teacher.
+    tasks = [
+        t
+        for t in setup.world.tasks
+        if (which == "all" or t.split == which) and getattr(t, "family", "") != "mixture"
+    ]
     if not tasks:
         raise D.DataError(f"{setup.world_root}/world.json: no {which} tasks to evaluate")
     return tasks
