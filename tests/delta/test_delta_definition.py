@@ -63,15 +63,32 @@ def test_encode_probes_pads_both_sides(tok):
 
 @pytest.mark.parametrize("token", ["last", "mean"])
 def test_left_and_right_padding_give_equal_deltas(model, tok, adapter_dirs, token):
+    """The padded forward (unpad=False) under both paddings, and the unpadded groups, agree."""
     spec = DeltaSpec(token=token)
     lora = LoraBatch.from_adapters([load_adapter(p) for p in adapter_dirs[:3]])
     out = {}
     with torch.no_grad():
         for side in ("left", "right"):
             batch = encode_probes(tok, generic_probes(), padding_side=side)
-            out[side] = activations(model, batch, spec, lora) - activations(model, batch, spec)
-    torch.testing.assert_close(out["left"], out["right"], rtol=0, atol=1e-5)
-    assert out["left"].abs().max() > 1e-2
+            for unpad in (False, True):
+                v = activations(model, batch, spec, lora, unpad=unpad)
+                out[side, unpad] = v - activations(model, batch, spec, unpad=unpad)
+    ref = out["right", True]
+    assert ref.abs().max() > 1e-2
+    for key, value in out.items():
+        torch.testing.assert_close(value, ref, rtol=0, atol=1e-5, msg=str(key))
+
+
+def test_length_groups_strip_padding(tok):
+    right = encode_probes(tok, generic_probes(), padding_side="right")
+    left = encode_probes(tok, generic_probes(), padding_side="left")
+    groups_r, groups_l = right.length_groups(), left.length_groups()
+    assert [i for i, _ in groups_r] == [i for i, _ in groups_l]
+    assert sorted(i for idx, _ in groups_r for i in idx) == list(range(5))
+    for (idx, g), (_, h) in zip(groups_r, groups_l):
+        assert torch.equal(g.input_ids, h.input_ids) and bool(g.attention_mask.all())
+        for j, i in enumerate(idx):
+            assert g.input_ids[j].tolist() == tok(generic_probes().texts[i])["input_ids"]
 
 
 @pytest.mark.parametrize(("layer", "token"), [(-1, "last"), (-1, "mean"), (1, "last"), (0, "mean")])

@@ -57,6 +57,26 @@ class ProbeBatch:
             "position_ids": self.position_ids.repeat(n_adapters, 1),  # [n*P, T]
         }
 
+    def length_groups(self) -> list[tuple[list[int], ProbeBatch]]:
+        """Probes of equal real length, unpadded: [(probe indices, ProbeBatch [P_g, L])].
+
+        The real tokens are taken where the mask is 1, so left and right padding give the same
+        groups. Running each group without padding wastes no compute on pad tokens and lets
+        attention take its plain causal path.
+        """
+        mask = self.attention_mask.bool()
+        rows = [self.input_ids[i][mask[i]] for i in range(self.n_probes)]  # [L_i] each
+        by_len: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_len.setdefault(int(row.shape[0]), []).append(i)
+        groups = []
+        for length, idx in sorted(by_len.items()):
+            ids = torch.stack([rows[i] for i in idx])  # [P_g, L]
+            ones = torch.ones_like(ids)
+            pos = torch.arange(length, device=ids.device).expand_as(ids)  # [P_g, L]
+            groups.append((idx, ProbeBatch(ids, ones, pos, self.token_hash, self.probe_hash)))
+        return groups
+
 
 def encode_probes(
     tokenizer, probes: ProbeSet, *, padding_side: str = "right", device=None
@@ -153,13 +173,25 @@ def activations(
     *,
     adapter_chunk_size: int | None = None,
     gradient_checkpointing: bool = False,
+    unpad: bool = True,
 ) -> Tensor:
-    """v for the base (lora=None) or each adapter of `lora`. -> [n_adapters, H] float32."""
+    """v for the base (lora=None) or each adapter of `lora`. -> [n_adapters, H] float32.
+
+    With `unpad` (default) probes run in groups of equal length without padding (one forward
+    per distinct length); `unpad=False` runs the padded batch in one forward. Both compute the
+    same definition (tested equal); unpadded is about 2x faster on CPU.
+    """
     n = len(lora) if isinstance(lora, LoraBatch) else 1
-    inputs = batch.model_inputs(n)  # [n*P, T] each
-    hidden = _hidden(model, inputs, spec, lora, adapter_chunk_size, gradient_checkpointing)
-    pooled = pool_tokens(hidden, inputs["attention_mask"], spec.token)  # [n*P, H] fp32
-    return pooled.view(n, batch.n_probes, -1).mean(1)  # [n, H]
+    groups = batch.length_groups() if unpad else [(list(range(batch.n_probes)), batch)]
+    pooled: list[Tensor | None] = [None] * batch.n_probes
+    for idx, group in groups:
+        inputs = group.model_inputs(n)  # [n*P_g, T_g] each, adapter-major
+        hidden = _hidden(model, inputs, spec, lora, adapter_chunk_size, gradient_checkpointing)
+        rows = pool_tokens(hidden, inputs["attention_mask"], spec.token)  # [n*P_g, H] fp32
+        rows = rows.view(n, len(idx), -1)  # [n, P_g, H]
+        for j, i in enumerate(idx):
+            pooled[i] = rows[:, j]  # [n, H]
+    return torch.stack(pooled, 1).mean(1)  # [n, P, H] -> [n, H]
 
 
 def _device_of(model: nn.Module) -> torch.device:
