@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .errors import LoraError, LoraKeyMismatchError
-from .mapping import Discovery, discover
+from .errors import LoraError
+from .mapping import Discovery, check_fits
 from .spec import LoraAdapter, LoraBatch, LoraKey, LoraSpec
 
 __all__ = ["functional_forward"]
@@ -65,9 +65,9 @@ def functional_forward(
         )
     n = next(iter(A.values())).shape[0]
     rows = _rows(model_inputs)
-    if rows % n:
+    if n == 0 or rows % n:
         raise LoraError(f"functional_forward: {rows} input rows is not a multiple of {n} adapters")
-    found = _fit(model, spec)
+    found = check_fits(model, spec)
     _refuse_hf_checkpointing(model, found)
     model_inputs.setdefault("use_cache", False)
 
@@ -97,25 +97,6 @@ def _rows(inputs: dict[str, Any]) -> int:
     raise LoraError(
         "functional_forward: pass input_ids or inputs_embeds (batch rows come from them)"
     )
-
-
-def _fit(model: nn.Module, spec: LoraSpec) -> Discovery:
-    found = discover(model, spec.target_modules)
-    keys = spec.keys()
-    extra = [k for k in keys if k not in found.modules]
-    errors = []
-    for m, i, o in spec.shapes:
-        for layer in spec.layers:
-            lin = found.modules.get((layer, m))
-            if lin is not None and (lin.in_features, lin.out_features) != (i, o):
-                errors.append(
-                    f"{(layer, m)} adapter {(i, o)} != model {(lin.in_features, lin.out_features)}"
-                )
-    if extra or errors:
-        raise LoraKeyMismatchError(
-            f"functional_forward on {type(model).__name__}", extra=extra, shape_errors=errors
-        )
-    return found
 
 
 def _refuse_hf_checkpointing(model: nn.Module, found: Discovery) -> None:
