@@ -14,6 +14,16 @@ from transformers import AutoModelForCausalLM
 N_ADAPTERS = 5
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    threads' spin-waiting makes small ops up to 10x slower; restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tok():
     return tiny_tokenizer()

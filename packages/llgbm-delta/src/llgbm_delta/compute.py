@@ -14,9 +14,12 @@ end and the base weights re-fingerprinted: any drift raises `BaseModelError`.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +136,38 @@ def _load_one(item: str | Path | LoraAdapter, label: str, model: nn.Module) -> L
     return adapter
 
 
+def _prefetch(items, labels: list[str], model: nn.Module, workers: int, window: int):
+    """Yield (i, adapter, content hash, None) or (i, None, None, AdapterError) in input order.
+
+    Loading, checking and hashing run `window` adapters ahead in `workers` threads (file reads,
+    safetensors and sha256 release the GIL), so they overlap each other and the forward passes.
+    """
+
+    def prepare(i: int):
+        try:
+            adapter = _load_one(items[i], labels[i], model)
+        except AdapterError as e:
+            return i, None, None, e
+        return i, adapter, adapter_content_hash(adapter), None
+
+    if workers <= 1 or len(items) <= 1:
+        for i in range(len(items)):
+            yield prepare(i)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llgbm-delta-load") as ex:
+        ahead: deque = deque()
+        nxt = 0
+        try:
+            while ahead or nxt < len(items):
+                while nxt < len(items) and len(ahead) < window:
+                    ahead.append(ex.submit(prepare, nxt))
+                    nxt += 1
+                yield ahead.popleft().result()
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
 class _PeftRunner:
     """The reference path: one PeftModel; each adapter loaded, activated, then deleted."""
 
@@ -194,6 +229,7 @@ def run_deltas(
     method: str = "flora",
     progress: bool = True,
     keep_going: bool = False,
+    loader_threads: int = 4,
 ) -> DeltaResult:
     """Deltas of `adapters` plus a report (cache hits, failures, timing); see compute_deltas."""
     if method not in METHODS:
@@ -283,15 +319,17 @@ def run_deltas(
             cache.put_many(rows)
 
     bar = _progress(n, progress, desc=f"deltas ({method})")
+    workers = min(loader_threads, os.cpu_count() or 1) if runner is None else 1
+    check_model = runner.shadow if runner else model
     try:
-        for i, item in enumerate(adapters):
-            try:
-                adapter = _load_one(item, names[i], runner.shadow if runner else model)
-            except AdapterError as e:
-                fail(i, e)
+        for i, adapter, h, err in _prefetch(
+            adapters, names, check_model, workers, window=2 * adapters_per_batch
+        ):
+            item = adapters[i]
+            if err is not None:
+                fail(i, err)
                 bar.update(1)
                 continue
-            h = adapter_content_hash(adapter)
             keys[i] = entry_key(
                 base_fingerprint=fingerprint,
                 probe_hash=probe_set.hash,
@@ -307,10 +345,11 @@ def run_deltas(
                     v = runner.activation(item, adapter, batch, spec)
                 _store([(i, adapter, h)], (v - base_v).cpu().numpy()[None])
             else:
-                group = pending.setdefault(adapter.spec, [])
+                structure = _structure(adapter.spec)
+                group = pending.setdefault(structure, [])
                 group.append((i, adapter, h))
                 if len(group) >= adapters_per_batch:
-                    flush(pending.pop(adapter.spec))
+                    flush(pending.pop(structure))
             bar.update(1)
         for group in pending.values():
             flush(group)
@@ -336,6 +375,11 @@ def run_deltas(
         seconds=time.perf_counter() - t0,
         corrupt=list(corrupt),
     )
+
+
+def _structure(spec) -> tuple:
+    """What adapters must share to go into one LoraBatch (not the base_model string)."""
+    return (spec.target_modules, spec.layers, spec.rank, spec.scale, spec.shapes)
 
 
 def _check_no_drift(first, again, fingerprint: str, model: nn.Module) -> None:
@@ -380,6 +424,7 @@ def compute_deltas(
     method: str = "flora",
     progress: bool = True,
     keep_going: bool = False,
+    loader_threads: int = 4,
 ) -> np.ndarray:
     """Delta activations of `adapters` on `base`: float32 numpy [len(adapters), hidden].
 
@@ -389,6 +434,9 @@ def compute_deltas(
     cache: a DeltaCache (or its directory) to read hits from and store new deltas in.
     Without `keep_going` the first bad adapter raises AdapterError (deltas already computed
     stay cached); with it, failed rows are NaN (use `run_deltas` for the list of failures).
+    adapters_per_batch: adapters per forward (n adapters x P probes rows); adapter_chunk_size:
+    flora's micro-batching inside that forward (memory); loader_threads: threads loading and
+    hashing adapters ahead of the forward passes.
     """
     return run_deltas(
         base,
@@ -403,4 +451,5 @@ def compute_deltas(
         method=method,
         progress=progress,
         keep_going=keep_going,
+        loader_threads=loader_threads,
     ).deltas

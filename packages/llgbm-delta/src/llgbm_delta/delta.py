@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from llgbm_flora import LoraAdapter, LoraBatch, functional_forward
@@ -33,6 +33,8 @@ class ProbeBatch:
     position_ids: Tensor  # [P, T] int64, counted over real tokens only (0 on padding)
     token_hash: str  # sha256 of the unpadded token ids; ties the tokenizer into cache keys
     probe_hash: str  # ProbeSet.hash of the texts
+    # length_groups() computed once (it syncs with the device); not part of equality.
+    _groups: list | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_probes(self) -> int:
@@ -64,6 +66,8 @@ class ProbeBatch:
         groups. Running each group without padding wastes no compute on pad tokens and lets
         attention take its plain causal path.
         """
+        if self._groups is not None:
+            return self._groups
         mask = self.attention_mask.bool()
         rows = [self.input_ids[i][mask[i]] for i in range(self.n_probes)]  # [L_i] each
         by_len: dict[int, list[int]] = {}
@@ -75,6 +79,7 @@ class ProbeBatch:
             ones = torch.ones_like(ids)
             pos = torch.arange(length, device=ids.device).expand_as(ids)  # [P_g, L]
             groups.append((idx, ProbeBatch(ids, ones, pos, self.token_hash, self.probe_hash)))
+        object.__setattr__(self, "_groups", groups)
         return groups
 
 
