@@ -123,11 +123,20 @@ def adapter_label(item: str | Path | LoraAdapter, i: int) -> str:
     return str(item) if isinstance(item, str | Path) else f"adapter[{i}]"
 
 
-def _load_one(item: str | Path | LoraAdapter, label: str, model: nn.Module) -> LoraAdapter:
-    """Load (if a path) and check that the adapter fits the model; AdapterError otherwise."""
+def _load_one(
+    item: str | Path | LoraAdapter, label: str, model: nn.Module, fits: set | None = None
+) -> LoraAdapter:
+    """Load (if a path) and check that the adapter fits the model; AdapterError otherwise.
+
+    `fits` remembers structures already checked against this model (a zoo shares one).
+    """
     try:
         adapter = item if isinstance(item, LoraAdapter) else load_adapter(item)
-        check_fits(model, adapter.spec)
+        structure = _structure(adapter.spec)
+        if fits is None or structure not in fits:
+            check_fits(model, adapter.spec)
+            if fits is not None:
+                fits.add(structure)
     except LoraError as e:
         msg = str(e)
         raise AdapterError(msg if label in msg else f"{label}: {msg}") from e
@@ -143,9 +152,11 @@ def _prefetch(items, labels: list[str], model: nn.Module, workers: int, window: 
     safetensors and sha256 release the GIL), so they overlap each other and the forward passes.
     """
 
+    fits: set = set()
+
     def prepare(i: int):
         try:
-            adapter = _load_one(items[i], labels[i], model)
+            adapter = _load_one(items[i], labels[i], model, fits)
         except AdapterError as e:
             return i, None, None, e
         return i, adapter, adapter_content_hash(adapter), None
@@ -229,7 +240,7 @@ def run_deltas(
     method: str = "flora",
     progress: bool = True,
     keep_going: bool = False,
-    loader_threads: int = 4,
+    loader_threads: int | None = None,
 ) -> DeltaResult:
     """Deltas of `adapters` plus a report (cache hits, failures, timing); see compute_deltas."""
     if method not in METHODS:
@@ -319,6 +330,9 @@ def run_deltas(
             cache.put_many(rows)
 
     bar = _progress(n, progress, desc=f"deltas ({method})")
+    if loader_threads is None:
+        # Threads pay off when the forward runs on an accelerator and the CPU is free to load.
+        loader_threads = 4 if dev.type != "cpu" else 1
     workers = min(loader_threads, os.cpu_count() or 1) if runner is None else 1
     check_model = runner.shadow if runner else model
     try:
@@ -424,7 +438,7 @@ def compute_deltas(
     method: str = "flora",
     progress: bool = True,
     keep_going: bool = False,
-    loader_threads: int = 4,
+    loader_threads: int | None = None,
 ) -> np.ndarray:
     """Delta activations of `adapters` on `base`: float32 numpy [len(adapters), hidden].
 
@@ -436,7 +450,7 @@ def compute_deltas(
     stay cached); with it, failed rows are NaN (use `run_deltas` for the list of failures).
     adapters_per_batch: adapters per forward (n adapters x P probes rows); adapter_chunk_size:
     flora's micro-batching inside that forward (memory); loader_threads: threads loading and
-    hashing adapters ahead of the forward passes.
+    hashing adapters ahead of the forward passes (default: 4 on an accelerator, 1 on CPU).
     """
     return run_deltas(
         base,

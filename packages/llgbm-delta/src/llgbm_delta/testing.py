@@ -22,8 +22,12 @@ from llgbm_delta.probes import DOMAINS, domain_probes, generic_probes
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE tokenizer (any text encodes) with <pad>, <s> (prepended) and </s>."""
+def tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (any text encodes) with <pad>, <s> (prepended) and </s>.
+
+    Trained on the built-in probe texts with enough merges that they tokenize to whole words,
+    like a real tokenizer: the generic probes are 34-39 tokens each (about 40, as with Qwen2.5).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
