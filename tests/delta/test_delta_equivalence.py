@@ -139,3 +139,20 @@ def test_gradients_equal_peft_autograd(model, tok, adapter_dirs):
         assert gb.abs().max() > 1e-4
         torch.testing.assert_close(lora.A[(layer, module)].grad[0], ga, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(lora.B[(layer, module)].grad[0], gb, rtol=1e-3, atol=1e-5)
+
+
+def test_a_leaking_adapter_is_caught(model, tok, adapter_dirs, monkeypatch):
+    """If anything changed the base while deltas were computed, the run fails loudly."""
+    import llgbm_delta.compute as compute
+    from llgbm_delta import BaseModelError
+
+    original = compute.delta_for_lora
+
+    def leaky(model, *args, **kwargs):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.add_(0.05)  # an adapter merged in place
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(compute, "delta_for_lora", leaky)
+    with pytest.raises(BaseModelError, match="base activation drifted"):
+        compute_deltas((model, tok), adapter_dirs[:2], progress=False)
