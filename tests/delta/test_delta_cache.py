@@ -245,4 +245,8 @@ def test_fingerprint_sampled_mode_sees_changes(model, monkeypatch):
     assert sampled != full and sampled == model_fingerprint(model)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3  # one element, off-sample
-    assert model_fingerprint(model) != sampled
+    changed = model_fingerprint(model)
+    assert changed != sampled
+    half = model.to(torch.bfloat16)
+    assert model_fingerprint(half) not in (changed, sampled)
+    assert model_fingerprint(half) == model_fingerprint(half)

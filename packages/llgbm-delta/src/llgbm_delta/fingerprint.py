@@ -5,10 +5,12 @@
 - every parameter (sorted by name): name, dtype, shape, and
   - all its bytes, when the model's parameters total at most `FULL_HASH_MAX_BYTES` (1 GiB:
     every tiny or 135M model), or
-  - for larger models, a strided sample of `SAMPLE_PER_TENSOR` elements plus the float64 sum
-    and sum of squares of the whole tensor. Any realistic weight change (fine-tuning, a merged
-    adapter, another checkpoint) moves the sums; a crafted edit that keeps both sums and misses
-    the sample would not be seen, which is the price of not hashing 3 GB on every run.
+  - for larger models, a strided sample of `SAMPLE_PER_TENSOR` elements plus two exact integer
+    checksums of the whole tensor: its bytes read as 16-bit integers, summed, and summed
+    squared (int64, computed where the tensor lives, in chunks; integer sums do not depend on
+    the order of summation, so CPU and GPU agree). Any realistic weight change (fine-tuning, a
+    merged adapter, another checkpoint) moves them; a crafted edit that keeps both sums and
+    misses the sample would not be seen, which is the price of not hashing 3 GB on every run.
 
 `adapter_content_hash(adapter)` = sha256 over the fields of the LoRA structure that change the
 computation (rank, alpha, rsLoRA, target modules, layers, shapes) and every A and B tensor's
@@ -56,12 +58,22 @@ def config_digest(config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_CHUNK = 1 << 24  # elements per step of the integer checksums (bounds the int64 temporary)
+
+
 def _update_tensor_sampled(h, t: torch.Tensor) -> None:
-    flat = t.detach().reshape(-1)
+    flat = t.detach().contiguous().reshape(-1)
     step = max(1, flat.numel() // SAMPLE_PER_TENSOR)
     h.update(tensor_bytes(flat[::step][:SAMPLE_PER_TENSOR]))
-    f = flat.double()
-    h.update(repr((f.sum().item(), (f * f).sum().item())).encode())
+    raw = flat.view(torch.uint8)
+    words = raw.view(torch.int16) if raw.numel() % 2 == 0 else raw  # [n_words]
+    s1 = s2 = 0
+    for i in range(0, words.numel(), _CHUNK):
+        w = words[i : i + _CHUNK].to(torch.int64)
+        # |w| < 2^15, so w*w < 2^30 and a chunk's sum stays far inside int64; Python ints add up.
+        s1 += int(w.sum())
+        s2 += int((w * w).sum())
+    h.update(f"{s1},{s2}".encode())
 
 
 @torch.no_grad()
