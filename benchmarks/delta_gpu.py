@@ -53,7 +53,6 @@ QWEN25_15B = {
     "vocab_size": 151936,
     "tie_word_embeddings": True,
     "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
 }
 TINY = {
     "hidden_size": 64,

@@ -41,7 +41,7 @@ class ProbeBatch:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device | str | None) -> ProbeBatch:
-        if device is None:
+        if device is None or self.input_ids.device == torch.device(device):
             return self
         return ProbeBatch(
             self.input_ids.to(device),
