@@ -21,16 +21,13 @@ def mini_world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def patched_world(monkeypatch, mini_world) -> Path:
-    import llgbm_train.data as D
-
-    monkeypatch.setattr(D, "load_world", train_world._load)
+def world_dir(mini_world) -> Path:
     return mini_world
 
 
 @pytest.fixture
-def make_config(patched_world, tmp_path):
+def make_config(world_dir, tmp_path):
     def make(*overrides: str):
-        return small_config(patched_world, tmp_path / "runs", *overrides)
+        return small_config(world_dir, tmp_path / "runs", *overrides)
 
     return make

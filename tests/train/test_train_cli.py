@@ -18,8 +18,8 @@ LLGBM = Path(sys.executable).parent / "llgbm"
 
 
 @pytest.fixture
-def config_file(patched_world, tmp_path) -> Path:
-    cfg = small_config(patched_world, tmp_path / "runs", "training.steps=4")
+def config_file(world_dir, tmp_path) -> Path:
+    cfg = small_config(world_dir, tmp_path / "runs", "training.steps=4")
     return save_config(dataclasses.replace(cfg, name=None), tmp_path / "tiny.yaml")
 
 
@@ -43,6 +43,9 @@ def test_train_then_evaluate_end_to_end(config_file, tmp_path, capsys):
     assert report["summary"]["teacher"]["delta_cos"] == pytest.approx(1.0)
     assert report["n_tasks"] == 3
     assert sorted(p.name for p in (run / "adapters").iterdir()) == ["add_3", "code_3", "shift_3"]
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(run / "adapters" / "add_3")).r == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     # A second `train` of the same config never overwrites: it picks the next free name.
     assert main(["train", str(config_file), "training.steps=1", "--no-eval"]) == 0
@@ -89,10 +92,8 @@ def test_train_delta_only_sets_the_objective(config_file, tmp_path):
     assert "loss_norm" in rec
 
 
-def test_verify_and_compute_deltas(config_file, patched_world, tmp_path, capsys):
-    assert (
-        main(["compute-deltas", "--config", str(config_file), "--world", str(patched_world)]) == 0
-    )
+def test_verify_and_compute_deltas(config_file, world_dir, tmp_path, capsys):
+    assert main(["compute-deltas", "--config", str(config_file), "--world", str(world_dir)]) == 0
     assert "18 teacher deltas" in capsys.readouterr().out
     assert main(["verify", str(config_file)]) == 0
     out = capsys.readouterr().out

@@ -1,17 +1,17 @@
 """A minimal world for the training tests: tiny random Llama, 3 families x 3 tasks, PEFT teachers.
 
-Built in seconds. Teachers of one family share a LoRA direction and differ by a parameter-
-dependent scale plus noise, so a generator can learn "family and parameter -> adapter" from the
-prompt words and generalise to the held-out parameter of each family. It writes a ``world.json``
-that ``MiniWorld.load`` reads; ``install()`` routes ``llgbm_train.data.load_world`` to it (for
-subprocesses: ``python tests/train/train_world.py ARGS...`` runs ``llgbm ARGS`` patched).
+Built in seconds, written in the ``llgbm-world/1`` manifest format that ``llgbm_worlds.World``
+reads (base dir, tasks with train/test jsonl, teachers). Teachers of one family share a LoRA
+direction and differ by a parameter-dependent scale plus noise, so a generator can learn
+"family and parameter -> adapter" from the prompt words and generalise to the held-out parameter
+of each family. ``python tests/train/train_world.py --ddp-check ...`` is the distributed test's
+entry point; ``python tests/train/train_world.py ARGS`` runs ``llgbm ARGS``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,53 +23,6 @@ FAMILIES = {
 }
 PARAMS = (1, 2, 3)  # 3 is held out in every family
 HELDOUT = 3
-
-
-@dataclass
-class Example:
-    prompt: str
-    answer: str
-
-
-@dataclass
-class Task:
-    name: str
-    family: str
-    split: str
-    heldout_kind: str | None
-    base_accuracy: float
-    texts: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-
-    def items(self, split: str = "train") -> list[Example]:
-        return [Example(p, a) for p, a in self.texts[split]]
-
-    def prompts(self, split: str = "train") -> list[str]:
-        return [p for p, _ in self.texts[split]]
-
-
-@dataclass
-class Teacher:
-    task: str
-    path: str
-    accuracy: float
-    step: int
-    data_split: int = 0
-    kind: str = "single"
-
-
-@dataclass
-class MiniWorld:
-    root: Path
-    base_path: Path
-    tasks: list[Task]
-    teachers: list[Teacher]
-
-    @classmethod
-    def load(cls, root) -> MiniWorld:
-        root = Path(root)
-        d = json.loads((root / "world.json").read_text())
-        tasks = [Task(**t) for t in d["tasks"]]
-        return cls(root, root / d["base"], tasks, [Teacher(**t) for t in d["teachers"]])
 
 
 def small_config(world: Path, runs: Path, *overrides: str):
@@ -136,8 +89,23 @@ def build(root: Path, *, seed: int = 0) -> Path:
                 ]
                 for s in ("train", "test")
             }
+            for sp, rows in texts.items():
+                path = root / "tasks" / name / f"{sp}.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(
+                    "".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in rows)
+                )
             tasks.append(
-                Task(name, fam, split, "variant" if split == "heldout" else None, 0.0, texts)
+                {
+                    "name": name,
+                    "family": fam,
+                    "split": split,
+                    "param": str(k),
+                    "heldout_kind": "variant" if split == "heldout" else None,
+                    "base_accuracy": 0.0,
+                    "train": f"tasks/{name}/train.jsonl",
+                    "test": f"tasks/{name}/test.jsonl",
+                }
             )
             for ckpt in range(2):
                 noise = 0.05 * (ckpt + 1)
@@ -152,31 +120,27 @@ def build(root: Path, *, seed: int = 0) -> Path:
                 }
                 rel = f"teachers/{name}/ckpt{ckpt}"
                 save_adapter(LoraAdapter(spec, A, B), root / rel)
-                teachers.append(Teacher(name, rel, 0.5 + 0.1 * ckpt + 0.01 * fi, 10 * (ckpt + 1)))
+                teachers.append(
+                    {
+                        "task": name,
+                        "path": rel,
+                        "accuracy": 0.5 + 0.1 * ckpt + 0.01 * fi,
+                        "step": 10 * (ckpt + 1),
+                        "data_split": 0,
+                        "kind": "single",
+                    }
+                )
     manifest = {
+        "format": "llgbm-world/1",
+        "kind": "tiny",
+        "preset": "train-tests",
+        "seed": seed,
         "base": "base",
-        "tasks": [t.__dict__ for t in tasks],
-        "teachers": [t.__dict__ for t in teachers],
+        "tasks": tasks,
+        "teachers": teachers,
     }
     (root / "world.json").write_text(json.dumps(manifest))
     return root
-
-
-def install() -> None:
-    """Route llgbm_train's world loading to MiniWorld (the real World manifest is not used)."""
-    import llgbm_train.data as D
-
-    D.load_world = _load
-    import llgbm_train.evaluate  # noqa: F401  (imports data functions by module, so patched too)
-
-
-def _load(path):
-    import llgbm_train.data as D
-
-    path = Path(path)
-    if not (path / "world.json").is_file():
-        raise D.DataError(f"{path}: no world.json (build one with `llgbm world build tiny`)")
-    return MiniWorld.load(path)
 
 
 def ddp_check(config: str, run_dir: str, out_dir: str) -> None:
@@ -194,7 +158,6 @@ def ddp_check(config: str, run_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    install()
     if sys.argv[1] == "--ddp-check":
         ddp_check(*sys.argv[2:5])
         sys.exit(0)

@@ -193,13 +193,19 @@ def cmd_compute_deltas(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from llgbm_worlds import build_world, show_world
+    import llgbm_worlds
 
     if args.world_command == "build":
+        build_world = getattr(llgbm_worlds, "build_world", None)
+        if build_world is None:  # an llgbm_worlds without the top-level export
+            from llgbm_worlds.build import build_world
         out = Path(args.out or f"worlds/{args.kind}")
         build_world(args.kind, out, preset=args.preset, seed=args.seed, progress=True)
         print(f"world: {out / 'world.json'}")
         return 0
+    show_world = getattr(llgbm_worlds, "show_world", None)
+    if show_world is None:
+        raise ValueError("this llgbm_worlds has no show_world; update llgbm-worlds")
     text = show_world(args.dir)
     if isinstance(text, str):
         print(text)

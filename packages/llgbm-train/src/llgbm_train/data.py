@@ -37,7 +37,10 @@ def ensure_world(cfg: Config, *, progress: bool = True) -> Path:
         raise DataError(
             f"{d}: no world.json (build one with `llgbm world build {cfg.world.kind} --out {d}`)"
         )
-    from llgbm_worlds import build_world
+    try:
+        from llgbm_worlds import build_world
+    except ImportError:  # an llgbm_worlds without the top-level export
+        from llgbm_worlds.build import build_world
 
     build_world(
         cfg.world.kind, d, preset=cfg.world.preset, seed=cfg.world.build_seed, progress=progress
@@ -46,7 +49,10 @@ def ensure_world(cfg: Config, *, progress: bool = True) -> Path:
 
 
 def load_world(path: str | Path):
-    from llgbm_worlds import World
+    try:
+        from llgbm_worlds import World
+    except ImportError:  # an llgbm_worlds without the top-level export
+        from llgbm_worlds.world import World
 
     path = Path(path)
     if not (path / "world.json").is_file():

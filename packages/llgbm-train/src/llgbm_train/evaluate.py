@@ -85,6 +85,11 @@ def eval_tasks(setup: Setup) -> list:
     return tasks
 
 
+def _known(x: float | None) -> float:
+    """Accuracy for ranking: unknown (None or NaN) ranks lowest."""
+    return -1.0 if x is None or x != x else float(x)
+
+
 def oracle_teacher(setup: Setup, task: str) -> Path | None:
     """The task's own single-task teacher with the best accuracy (later checkpoint on ties)."""
     own = [
@@ -94,10 +99,7 @@ def oracle_teacher(setup: Setup, task: str) -> Path | None:
     ]
     if not own:
         return None
-    best = max(
-        own,
-        key=lambda t: (t.accuracy if t.accuracy is not None else -1, getattr(t, "step", 0) or 0),
-    )
+    best = max(own, key=lambda t: (_known(t.accuracy), getattr(t, "step", 0) or 0))
     return D.teacher_path(setup.world_root, best)
 
 
