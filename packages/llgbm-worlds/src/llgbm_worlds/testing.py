@@ -1,0 +1,45 @@
+"""A cached ``test``-preset tiny world for test suites (this package's and others').
+
+    from llgbm_worlds.testing import test_world
+    world_dir = test_world(tmp_path_factory.getbasetemp())   # built once, then reused
+
+The world is cached under ``root/llgbm-test-world-<key>``, where the key hashes this package's
+source and the torch / transformers / peft versions, so a code change builds a fresh one. A file
+lock makes concurrent callers wait for one build.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+from importlib.metadata import version
+from pathlib import Path
+
+import llgbm_worlds
+
+__test__ = False  # pytest: this module is a helper, not tests
+
+
+def code_key() -> str:
+    """sha256 (16 hex) of this package's source files and the library versions it depends on."""
+    h = hashlib.sha256()
+    pkg = Path(llgbm_worlds.__file__).parent
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes())
+    for name in ("torch", "transformers", "peft", "tokenizers"):
+        h.update(f"{name}={version(name)}".encode())
+    return h.hexdigest()[:16]
+
+
+def test_world(root: str | Path, *, seed: int = 0) -> Path:
+    """Directory of a built ``test``-preset tiny world under ``root`` (built on first use)."""
+    from llgbm_worlds.build import build_world
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"llgbm-test-world-{code_key()}-s{seed}"
+    with open(root / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "world.json").is_file():
+            build_world("tiny", out, preset="test", seed=seed, progress=False, threads=None)
+    return out
