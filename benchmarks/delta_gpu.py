@@ -180,6 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--chunk", type=int, nargs="+", default=[32, 64, 128, 256], help="adapters per call"
     )
+    p.add_argument(
+        "--unpad",
+        nargs="+",
+        choices=["auto", "yes", "no"],
+        default=["auto"],
+        help="probe layout of the batched sweep: auto (padded on GPU), yes (one forward per "
+        "probe length), no (one padded forward)",
+    )
     p.add_argument("--naive", type=int, default=4, help="adapters through the PEFT loop")
     p.add_argument(
         "--e2e", type=int, default=32, help="adapters for compute_deltas from disk (0: skip)"
@@ -275,18 +283,20 @@ def main(argv: list[str] | None = None) -> dict:
     # -- batched, adapters already on the device ------------------------------------------
     pool = random_lora(spec, max(args.chunk), device, dtype, args.seed + 1)
     sweep = []
-    for k in args.chunk:
+    layouts = {"auto": None, "yes": True, "no": False}
+    for mode, k in [(m, k) for m in args.unpad for k in args.chunk]:
+        unpad = layouts[mode]
         reset_peak(device)
-        row = {"chunk": k}
+        row = {"chunk": k, "unpad": mode}
         try:
             with torch.no_grad():
-                delta_for_lora(model, tok, pool[:k], batch, base=base_v)  # warm-up
+                delta_for_lora(model, tok, pool[:k], batch, base=base_v, unpad=unpad)  # warm-up
                 sync(device)
                 t0 = time.perf_counter()
                 done = 0
                 while done < args.adapters:
                     n = min(k, args.adapters - done)
-                    delta_for_lora(model, tok, pool[:n], batch, base=base_v)
+                    delta_for_lora(model, tok, pool[:n], batch, base=base_v, unpad=unpad)
                     done += n
                 sync(device)
             secs = time.perf_counter() - t0
@@ -301,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["error"] = "out of memory"
         sweep.append(row)
         print(
-            f"batched chunk {k}: "
+            f"batched unpad={mode} chunk {k}: "
             + (
                 f"{row['adapters_per_s']:.1f} adapters/s ({row['pct_of_limit']:.1f}% of limit)"
                 if "error" not in row
@@ -397,11 +407,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("| --- | ---: | ---: | ---: | ---: |")
     for r in sweep:
         if "error" in r:
-            print(f"| batched | {r['chunk']} | {r['error']} | | |")
+            print(f"| batched (unpad={r['unpad']}) | {r['chunk']} | {r['error']} | | |")
         else:
             pk = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             print(
-                f"| batched | {r['chunk']} | {r['adapters_per_s']:.1f} | {r['pct_of_limit']:.1f} | {pk} |"
+                f"| batched (unpad={r['unpad']}) | {r['chunk']} | {r['adapters_per_s']:.1f} | {r['pct_of_limit']:.1f} | {pk} |"
             )
     if "end_to_end" in res:
         e = res["end_to_end"]

@@ -178,14 +178,18 @@ def activations(
     *,
     adapter_chunk_size: int | None = None,
     gradient_checkpointing: bool = False,
-    unpad: bool = True,
+    unpad: bool | None = None,
 ) -> Tensor:
     """v for the base (lora=None) or each adapter of `lora`. -> [n_adapters, H] float32.
 
-    With `unpad` (default) probes run in groups of equal length without padding (one forward
-    per distinct length); `unpad=False` runs the padded batch in one forward. Both compute the
-    same definition (tested equal); unpadded is about 2x faster on CPU.
+    With `unpad=True` probes run in groups of equal length without padding (one forward per
+    distinct length); `unpad=False` runs the padded batch in one forward. Both compute the same
+    definition (tested equal). The default (None) unpads on CPU, where it is about 2x faster, and
+    pads on accelerators, where one large forward beats one small forward per probe length
+    (measured on an H100: docs/benchmarks.md).
     """
+    if unpad is None:
+        unpad = _device_of(model).type == "cpu"
     n = len(lora) if isinstance(lora, LoraBatch) else 1
     groups = batch.length_groups() if unpad else [(list(range(batch.n_probes)), batch)]
     pooled: list[Tensor | None] = [None] * batch.n_probes
@@ -230,13 +234,15 @@ def delta_for_lora(
     base: Tensor | None = None,
     adapter_chunk_size: int | None = None,
     gradient_checkpointing: bool = False,
+    unpad: bool | None = None,
 ) -> Tensor:
     """Deltas of a batch of adapters, differentiable wrt the adapter tensors. -> [n, H] float32.
 
     (float64 if the model runs in float64, e.g. for finite-difference checks.)
 
     `base` is `base_activation(...)` for the same model, probes and spec; pass it to skip
-    recomputing it every call (training does). A single LoraAdapter gives [1, H].
+    recomputing it every call (training does). A single LoraAdapter gives [1, H]. `unpad`: see
+    `activations`.
     """
     batch = _as_batch(tokenizer, probes, model)
     if base is None:
@@ -250,5 +256,6 @@ def delta_for_lora(
         lora,
         adapter_chunk_size=adapter_chunk_size,
         gradient_checkpointing=gradient_checkpointing,
+        unpad=unpad,
     )  # [n, H]
     return v - base.to(v.device, v.dtype)
