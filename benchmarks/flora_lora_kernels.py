@@ -1,6 +1,6 @@
 """Micro-benchmark: ways to add per-row LoRA to the 7 linears of one Qwen2.5-1.5B layer (bf16, CUDA).
 
-    python tests/flora/bench_flora_lora_kernels.py
+    python benchmarks/flora_lora_kernels.py
 
 Compares the base linears alone, the hook formulation functional_forward uses (linear, then
 bmm for A and baddbmm for B into the output), and computing the LoRA term first so the base

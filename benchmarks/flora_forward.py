@@ -1,6 +1,6 @@
 """Throughput of functional_forward at Qwen2.5-1.5B shapes (random weights, built from a config).
 
-    uv run python tests/flora/bench_flora_forward.py --adapters 64 --probes 5 --tokens 40
+    uv run python benchmarks/flora_forward.py --adapters 64 --probes 5 --tokens 40
 
 Times the backbone forward (no LM head) without LoRA, with n per-row LoRA adapters (no grad), and
 forward+backward to the LoRA tensors, and reports model FLOP utilisation against `--peak` TFLOPS
