@@ -300,7 +300,9 @@ def build_world(
     """Build (or resume) the world ``kind`` ("tiny" | "smollm2") in ``out``; returns ``out``.
 
     A finished world is re-validated and left as it is. ``device``: where the zoo trains
-    (default: cuda when available for smollm2, cpu for tiny). ``threads``: torch CPU threads.
+    (default: cuda when available for smollm2, cpu for tiny). ``threads``: torch CPU threads
+    during the build (restored after). CPU results are bitwise reproducible for the same
+    thread count, torch version and machine type.
     """
     if kind not in KINDS:
         raise UnknownNameError(
@@ -308,13 +310,17 @@ def build_world(
         )
     p = get_preset(kind, preset)
     out = Path(out)
-    if threads:
-        torch.set_num_threads(threads)
     _start(out, kind, p, seed)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     builder: Callable = _build_tiny if kind == "tiny" else _build_smollm2
-    builder(out, p, seed, progress, device, timings)
+    before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        builder(out, p, seed, progress, device, timings)
+    finally:
+        torch.set_num_threads(before)
     timings["total"] = time.perf_counter() - t0
     # Timings of a resumed build cover only its last session; keep the manifest's if present.
     manifest = read_json(out / "world.json")

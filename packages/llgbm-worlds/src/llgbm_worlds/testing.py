@@ -1,9 +1,10 @@
 """A cached ``test``-preset tiny world for test suites (this package's and others').
 
     from llgbm_worlds.testing import test_world
-    world_dir = test_world(tmp_path_factory.getbasetemp())   # built once, then reused
+    world_dir = test_world()          # built once per code version, then reused
 
-The world is cached under ``root/llgbm-test-world-<key>``, where the key hashes this package's
+The world is cached under ``root/llgbm-test-world-<key>`` (``root`` defaults to
+``$LLGBM_TEST_WORLDS`` or ``<tmp>/llgbm-test-worlds``), where the key hashes this package's
 source and the torch / transformers / peft versions, so a code change builds a fresh one. A file
 lock makes concurrent callers wait for one build.
 """
@@ -12,12 +13,17 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import llgbm_worlds
 
 __test__ = False  # pytest: this module is a helper, not tests
+# One thread: fast for a model this small, no oversubscription on a busy machine, and the same
+# bits whatever the core count.
+THREADS = 1
 
 
 def code_key() -> str:
@@ -31,15 +37,21 @@ def code_key() -> str:
     return h.hexdigest()[:16]
 
 
-def test_world(root: str | Path, *, seed: int = 0) -> Path:
+def default_root() -> Path:
+    return Path(
+        os.environ.get("LLGBM_TEST_WORLDS") or Path(tempfile.gettempdir()) / "llgbm-test-worlds"
+    )
+
+
+def test_world(root: str | Path | None = None, *, seed: int = 0) -> Path:
     """Directory of a built ``test``-preset tiny world under ``root`` (built on first use)."""
     from llgbm_worlds.build import build_world
 
-    root = Path(root)
+    root = Path(root) if root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
     out = root / f"llgbm-test-world-{code_key()}-s{seed}"
     with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "world.json").is_file():
-            build_world("tiny", out, preset="test", seed=seed, progress=False, threads=None)
+            build_world("tiny", out, preset="test", seed=seed, progress=False, threads=THREADS)
     return out

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llgbm_worlds.data import collate, encode
+from llgbm_worlds.errors import BuildError
 from llgbm_worlds.families import Example
 from llgbm_worlds.io import (
     fresh_tmp_dir,
@@ -235,17 +236,23 @@ def build_zoo(
         if records is None:
             final = world_dir / run.rel_dir
             tmp = fresh_tmp_dir(final)
-            records = train_run(
-                base,
-                tokenizer,
-                run,
-                cfg,
-                tmp,
-                seed=seed,
-                scorer=scorer,
-                base_name=base_name,
-                bar=bar,
-            )
+            try:
+                records = train_run(
+                    base,
+                    tokenizer,
+                    run,
+                    cfg,
+                    tmp,
+                    seed=seed,
+                    scorer=scorer,
+                    base_name=base_name,
+                    bar=bar,
+                )
+            except OSError as e:
+                raise BuildError(
+                    f"{tmp}: cannot write teacher ({e.strerror or e}); the world is resumable: "
+                    "free space and rerun the same build command"
+                ) from e
             write_json_atomic(tmp / DONE, {"fingerprint": fp, "checkpoints": records})
             replace_dir(tmp, final)
         for r in records:
