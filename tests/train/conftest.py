@@ -31,3 +31,12 @@ def make_config(world_dir, tmp_path):
         return small_config(world_dir, tmp_path / "runs", *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def test_world_dir() -> Path:
+    """The worlds package's cached ``test``-preset tiny world (built once per code version)."""
+    from llgbm_worlds.testing import test_world
+
+    torch.manual_seed(0)
+    return test_world()

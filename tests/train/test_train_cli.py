@@ -18,6 +18,13 @@ LLGBM = Path(sys.executable).parent / "llgbm"
 
 
 @pytest.fixture
+def test_world_config(test_world_dir, tmp_path) -> Path:
+    """A fast config on the worlds package's cached test-preset world, named by its file."""
+    cfg = small_config(test_world_dir, tmp_path / "runs", "training.steps=4")
+    return save_config(dataclasses.replace(cfg, name=None), tmp_path / "tiny.yaml")
+
+
+@pytest.fixture
 def config_file(world_dir, tmp_path) -> Path:
     cfg = small_config(world_dir, tmp_path / "runs", "training.steps=4")
     return save_config(dataclasses.replace(cfg, name=None), tmp_path / "tiny.yaml")
@@ -32,8 +39,12 @@ def test_help_names_every_command():
 
 
 @pytest.mark.slow
-def test_train_then_evaluate_end_to_end(config_file, tmp_path, capsys):
-    assert main(["train", str(config_file)]) == 0
+def test_train_then_evaluate_end_to_end(test_world_config, test_world_dir, tmp_path, capsys):
+    from llgbm_worlds import World
+
+    world = World.load(test_world_dir)
+    heldout = sorted(t.name for t in world.tasks if t.split == "heldout" and t.family != "mixture")
+    assert main(["train", str(test_world_config)]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "tiny"
     for label in ("base", "mean of teachers", "oracle", "generated", "95% CI"):
@@ -41,20 +52,36 @@ def test_train_then_evaluate_end_to_end(config_file, tmp_path, capsys):
     report = json.loads((run / "eval" / "report.json").read_text())
     assert set(report["summary"]) == {"base", "mean_teachers", "teacher", "generated"}
     assert report["summary"]["teacher"]["delta_cos"] == pytest.approx(1.0)
-    assert report["n_tasks"] == 3
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == ["add_3", "code_3", "shift_3"]
+    assert sorted(r["task"] for r in report["per_task"]) == heldout
+    assert "| generated |" in (run / "eval" / "report.md").read_text()
+    assert sorted(p.name for p in (run / "adapters").iterdir()) == heldout
     from peft import PeftConfig
 
-    assert PeftConfig.from_pretrained(str(run / "adapters" / "add_3")).r == 2
+    teacher_r = PeftConfig.from_pretrained(str(world.teachers[0].path)).r
+    assert PeftConfig.from_pretrained(str(run / "adapters" / heldout[0])).r == teacher_r
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     # A second `train` of the same config never overwrites: it picks the next free name.
-    assert main(["train", str(config_file), "training.steps=1", "--no-eval"]) == 0
+    assert main(["train", str(test_world_config), "training.steps=1", "--no-eval"]) == 0
     assert (tmp_path / "runs" / "tiny-2" / "config.yaml").is_file()
     # `llgbm evaluate RUN` re-scores the saved run from its newest checkpoint.
     (run / "eval" / "report.json").unlink()
     assert main(["evaluate", str(run)]) == 0
     again = json.loads((run / "eval" / "report.json").read_text())
     assert again["summary"]["generated"] == report["summary"]["generated"]
+
+
+def test_world_build_and_show(test_world_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "w"
+    shutil.copytree(test_world_dir, copy)  # build_world re-validates and touches world.json
+    assert main(["world", "build", "tiny", "--preset", "test", "--out", str(copy)]) == 0
+    assert f"world: {copy / 'world.json'}" in capsys.readouterr().out
+    assert main(["world", "show", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "code_omega" in out and "suffix_red" in out
+    assert main(["world", "show", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_stop_and_resume_from_the_cli(config_file, tmp_path, capsys):
@@ -92,10 +119,14 @@ def test_train_delta_only_sets_the_objective(config_file, tmp_path):
     assert "loss_norm" in rec
 
 
-def test_verify_and_compute_deltas(config_file, world_dir, tmp_path, capsys):
-    assert main(["compute-deltas", "--config", str(config_file), "--world", str(world_dir)]) == 0
-    assert "18 teacher deltas" in capsys.readouterr().out
-    assert main(["verify", str(config_file)]) == 0
+def test_verify_and_compute_deltas(test_world_config, test_world_dir, tmp_path, capsys):
+    from llgbm_worlds import World
+
+    n = len(World.load(test_world_dir).teachers)
+    argv = ["compute-deltas", "--config", str(test_world_config), "--world", str(test_world_dir)]
+    assert main(argv) == 0
+    assert f"{n} teacher deltas" in capsys.readouterr().out
+    assert main(["verify", str(test_world_config)]) == 0
     out = capsys.readouterr().out
     assert "one training step: loss" in out and out.rstrip().endswith("ok")
     assert not (tmp_path / "runs" / "tiny").exists()  # verify writes no run

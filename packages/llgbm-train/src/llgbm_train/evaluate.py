@@ -103,6 +103,22 @@ def oracle_teacher(setup: Setup, task: str) -> Path | None:
     return D.teacher_path(setup.world_root, best)
 
 
+def oracle_deltas(setup: Setup, tasks: list) -> dict[str, torch.Tensor]:
+    """Cached deltas [hidden] of each task's oracle teacher, in one compute_deltas call."""
+    paths = {t.name: p for t in tasks if (p := oracle_teacher(setup, t.name)) is not None}
+    if not paths:
+        return {}
+    deltas = D.teacher_deltas(
+        setup.cfg,
+        setup.model,
+        setup.tokenizer,
+        list(paths.values()),
+        setup.probes,
+        progress=False,
+    )  # [n, hidden]
+    return {name: torch.as_tensor(deltas[i]) for i, name in enumerate(paths)}
+
+
 @torch.no_grad()
 def generate(setup: Setup, generator, task, *, seed: int):
     """The generator's adapter for ``task`` from N of its train prompts. -> LoraAdapter (cpu)."""
@@ -147,22 +163,45 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-20))
 
 
-def heldout_delta_error(setup: Setup, generator, *, seed: int = 0) -> float:
-    """Mean relative squared error ||d_gen - d_teacher||^2 / ||d_teacher||^2 over eval tasks."""
-    errs = []
-    for task in eval_tasks(setup):
-        path = oracle_teacher(setup, task.name)
-        if path is None:
+def heldout_delta_error(setup: Setup, generator, *, seed: int = 0) -> dict[str, float]:
+    """Delta error of the generator's adapters on the evaluated (held-out) tasks.
+
+    ``loss``: the training delta loss (``training.delta_loss`` on deltas divided by the run's
+    delta scale), so "lower than untrained" means the objective generalised; ``cos``: mean
+    cosine to the task's teacher delta; ``rel_err``: mean ||d - d_t||^2 / ||d_t||^2 (a zero
+    delta scores 1).
+    """
+    from llgbm_train.losses import delta_loss
+
+    tc = setup.cfg.training
+    preds, refs, coss, errs = [], [], [], []
+    tasks = eval_tasks(setup)
+    oracles = oracle_deltas(setup, tasks)
+    for task in tasks:
+        ref = oracles.get(task.name)  # [hidden]
+        if ref is None:
             continue
-        ref = torch.as_tensor(
-            D.teacher_deltas(
-                setup.cfg, setup.model, setup.tokenizer, [path], setup.probes, progress=False
-            )
-        )[0]
-        errs.append(_rel_err(delta_of(setup, generate(setup, generator, task, seed=seed)), ref))
-    if not errs:
+        pred = delta_of(setup, generate(setup, generator, task, seed=seed))  # [hidden]
+        preds.append(pred)
+        refs.append(ref)
+        c = _cos(pred, ref)
+        coss.append(0.0 if c is None else c)
+        errs.append(_rel_err(pred, ref))
+    if not refs:
         raise D.DataError(f"{setup.world_root}/world.json: evaluated tasks have no teachers")
-    return float(np.mean(errs))
+    with torch.no_grad():
+        loss = delta_loss(
+            torch.stack(preds) / setup.delta_scale,  # [n_tasks, hidden]
+            torch.stack(refs) / setup.delta_scale,
+            kind=tc.delta_loss,
+            cos_weight=tc.cos_weight,
+        )
+    return {
+        "loss": float(loss.value),
+        "loss_baseline": float(loss.baseline),
+        "cos": float(np.mean(coss)),
+        "rel_err": float(np.mean(errs)),
+    }
 
 
 def evaluate(
@@ -178,6 +217,7 @@ def evaluate(
     mean = mean_adapter(setup.data.teachers)
     mean_delta = delta_of(setup, mean)
     tasks = eval_tasks(setup)
+    oracles = oracle_deltas(setup, tasks)
     per_task: list[dict[str, Any]] = []
     pooled: dict[str, list[bool]] = {m: [] for m in METHODS}
     bar = None
@@ -200,21 +240,11 @@ def evaluate(
             "mean_teachers": mean_delta,
             "generated": delta_of(setup, gen),
         }
-        ref = None
-        if oracle_path is not None:
+        ref = oracles.get(task.name)  # [hidden] or None
+        if oracle_path is not None and ref is not None:
             from llgbm_flora import load_adapter
 
             adapters["teacher"] = load_adapter(oracle_path)
-            ref = torch.as_tensor(
-                D.teacher_deltas(
-                    setup.cfg,
-                    setup.model,
-                    setup.tokenizer,
-                    [oracle_path],
-                    setup.probes,
-                    progress=False,
-                )
-            )[0]
             deltas["teacher"] = ref
         row: dict[str, Any] = {
             "task": task.name,

@@ -160,7 +160,9 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
     meta = {
         "world": {
             "dir": str(root),
-            "hash": file_hash(root / "world.json"),
+            # The world's own content hash (base, tasks, teachers); world.json's bytes when
+            # absent. Not the file's bytes first: a re-validating build rewrites timings there.
+            "hash": (getattr(world, "content_hash", "") or file_hash(root / "world.json"))[:16],
             "n_samples": len(data),
             "n_tasks": len(data.prompts),
         },
