@@ -56,6 +56,7 @@ def test_two_processes_agree_and_only_rank0_writes(mini_world, tmp_path):
     # One run directory, written once: one metrics line per step, one final checkpoint.
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == [
         "delta_cache",
+        "encoder_cache",
         "r",
     ]
     lines = (runs / "r" / "metrics.jsonl").read_text().splitlines()

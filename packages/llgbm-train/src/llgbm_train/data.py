@@ -91,6 +91,11 @@ def delta_cache_dir(cfg: Config) -> Path:
     return Path(cfg.delta.cache_dir) if cfg.delta.cache_dir else world_dir(cfg) / "delta_cache"
 
 
+def encoder_cache_dir(cfg: Config) -> Path:
+    """Condition-encoder cache: beside the delta cache (inside the world by default)."""
+    return delta_cache_dir(cfg).parent / "encoder_cache"
+
+
 def teacher_deltas(
     cfg: Config, model, tokenizer, paths: list[Path], probes, *, progress: bool = True
 ) -> np.ndarray:

@@ -155,7 +155,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
     rms = float(data.deltas.pow(2).mean().sqrt())
     delta_scale = cfg.training.delta_scale or (rms if rms > 0 else 1.0)
     encoder, wt, generator = build_model_parts(
-        cfg, data.teachers.spec, data.teachers, device, root / "encoder_cache"
+        cfg, data.teachers.spec, data.teachers, device, D.encoder_cache_dir(cfg)
     )
     meta = {
         "world": {
