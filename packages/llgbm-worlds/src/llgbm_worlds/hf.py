@@ -40,8 +40,10 @@ def _read_manifest(path: Path) -> dict:
         raise ManifestError(f"{path}: cannot read manifest ({e.strerror or e})") from None
     try:
         if path.suffix in (".yaml", ".yml"):
-            import yaml
-
+            try:
+                import yaml  # installed with transformers; JSON manifests need nothing
+            except ImportError:
+                raise ManifestError(f"{path}: YAML manifests need pyyaml; or write JSON") from None
             d = yaml.safe_load(text)
         else:
             d = json.loads(text)

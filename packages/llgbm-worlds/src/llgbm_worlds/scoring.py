@@ -99,6 +99,7 @@ def score_fast(model, tokenizer, items: Sequence[Example], *, batch_size: int = 
             batch = collate(
                 encode(tokenizer, items[start : start + batch_size]), tokenizer.pad_token_id
             )
+            batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits  # [n, width, vocab]
