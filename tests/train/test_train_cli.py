@@ -189,3 +189,11 @@ def test_delta_cache_of_another_base_model_is_one_line(config_file, tmp_path, ca
     assert last.startswith("error: ") and "use one cache directory per base model" in last
     assert "Traceback" not in err
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_debug_shows_the_exception_before_or_after_the_command(tmp_path):
+    from llgbm_train.config import ConfigError
+
+    for argv in (["--debug", "train", "missing.yaml"], ["train", "missing.yaml", "--debug"]):
+        with pytest.raises(ConfigError, match="config file not found"):
+            main(argv)

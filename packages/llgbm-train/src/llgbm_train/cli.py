@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/delta_multi.yaml"
@@ -24,7 +25,18 @@ def _parser() -> argparse.ArgumentParser:
         "`llgbm verify`, then `llgbm train configs/delta_multi.yaml`.",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    # --debug is accepted before or after the command (SUPPRESS keeps the top-level value).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name, **kw):
+        return _add(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     v = sub.add_parser("verify", help="check environment, world and one real training step")
     v.add_argument(
@@ -79,12 +91,12 @@ def _parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("world", help="build or show a world (base model, tasks, teachers)")
     wsub = w.add_subparsers(dest="world_command", required=True, metavar="ACTION")
-    wb = wsub.add_parser("build", help="build a world: tiny | smollm2")
+    wb = wsub.add_parser("build", parents=[common], help="build a world: tiny | smollm2")
     wb.add_argument("kind", choices=["tiny", "smollm2"])
     wb.add_argument("--out", help="output directory (default: worlds/<kind>)")
     wb.add_argument("--preset", help="build preset (e.g. test: seconds, for the test suite)")
     wb.add_argument("--seed", type=int, default=0)
-    ws = wsub.add_parser("show", help="print a world's tasks and teachers")
+    ws = wsub.add_parser("show", parents=[common], help="print a world's tasks and teachers")
     ws.add_argument("dir")
 
     e = sub.add_parser("evaluate", help="evaluate a run on its held-out tasks")
@@ -235,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    if not args.debug:
+        # A deprecation notice PEFT triggers inside transformers while scoring; not actionable.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as e:
