@@ -159,3 +159,31 @@ def test_bf16_autocast_and_gradient_checkpointing_on_cuda(make_config, tmp_path)
     assert next(result.generator.parameters()).device.type == "cuda"
     recs = result.run.read_metrics()
     assert len(recs) == 3 and all(r["grad_norm"] > 0 for r in recs)
+
+
+def test_missing_world_is_built_when_allowed(test_world_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import llgbm_worlds
+    from train_world import small_config
+
+    calls = []
+
+    def fake_build(kind, out, preset=None, seed=0, progress=True):
+        calls.append((kind, str(out), preset, seed))
+        shutil.copytree(test_world_dir, out)
+        return out
+
+    monkeypatch.setattr(llgbm_worlds, "build_world", fake_build)
+    target = tmp_path / "worlds" / "tiny"
+    cfg = small_config(
+        test_world_dir,
+        tmp_path / "runs",
+        f"world.dir={target}",
+        "world.build_if_missing=true",
+        "world.preset=test",
+        "training.steps=1",
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert calls == [("tiny", str(target), "test", 0)]
+    assert result.step == 1 and (target / "world.json").is_file()
