@@ -68,6 +68,14 @@ def test_train_then_evaluate_end_to_end(test_world_config, test_world_dir, tmp_p
     assert main(["evaluate", str(run)]) == 0
     again = json.loads((run / "eval" / "report.json").read_text())
     assert again["summary"]["generated"] == report["summary"]["generated"]
+    # Seen tasks (scored on their unseen test items) get their own report; the held-out one stays.
+    assert main(["evaluate", str(run), "--tasks", "train"]) == 0
+    assert "report-train.md" in capsys.readouterr().out
+    seen = json.loads((run / "eval" / "report-train.json").read_text())
+    train = sorted(t.name for t in world.tasks if t.split == "train" and t.family != "mixture")
+    assert sorted(r["task"] for r in seen["per_task"]) == train
+    assert seen["tasks_evaluated"] == "train"
+    assert json.loads((run / "eval" / "report.json").read_text()) == again
 
 
 def test_world_build_and_show(test_world_dir, tmp_path, capsys):

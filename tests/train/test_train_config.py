@@ -53,6 +53,8 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash == b.hash and len(a.hash) == 16
     assert Config(name="other", runs_dir="elsewhere").hash == a.hash  # naming is not content
     assert a.override(["training.seed=1"]).hash != a.hash
+    # Eval settings change scoring, not training: a run can be re-scored or resumed with them.
+    assert a.override(["eval.tasks=train", "eval.max_items=8"]).hash == a.hash
     # Same value across processes (no dict-order or id() dependence).
     code = "from llgbm_train.config import Config; print(Config().hash)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -419,19 +419,9 @@ def _check_no_drift(first, again, fingerprint: str, model: nn.Module) -> None:
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    if enabled:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=desc, unit="adapter")
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, _n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return tqdm(total=total, desc=desc, unit="adapter", disable=not enabled)
 
 
 def compute_deltas(

@@ -101,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="evaluate a run on its held-out tasks")
     e.add_argument("run", help="run directory, e.g. runs/delta_multi")
+    e.add_argument(
+        "--tasks",
+        choices=["heldout", "train", "all"],
+        default=None,
+        help="which tasks to score (default: the run's eval.tasks, normally heldout); "
+        "writes eval/report.md for heldout, eval/report-<tasks>.md otherwise",
+    )
     return p
 
 
@@ -225,11 +232,11 @@ def cmd_world(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from llgbm_train.evaluate import evaluate_run, print_summary
+    from llgbm_train.evaluate import evaluate_run, print_summary, report_stem
 
-    report = evaluate_run(args.run)
+    report = evaluate_run(args.run, tasks=args.tasks)
     print_summary(report)
-    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    print(f"report: {Path(args.run) / 'eval' / (report_stem(report['tasks_evaluated']) + '.md')}")
     return 0
 
 

@@ -210,8 +210,10 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "eval": EvalConfig,
 }
-# Fields that name or place a run but do not change what it computes: outside the hash.
-_UNHASHED = ("name", "runs_dir")
+# Outside the hash: fields that name or place a run, and the eval section, which changes how a
+# trained generator is scored but not what training computes (so a run can be re-evaluated on
+# other tasks, and resumed after eval settings change).
+_UNHASHED = ("name", "runs_dir", "eval")
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ class Config:
 
     @property
     def hash(self) -> str:
-        """sha256 (16 hex) of everything that changes what a run computes."""
+        """sha256 (16 hex) of everything that changes what training computes."""
         d = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

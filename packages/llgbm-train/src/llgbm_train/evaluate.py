@@ -208,10 +208,7 @@ def evaluate(
     setup: Setup, generator, *, out_dir: Path | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Score base / mean of teachers / oracle / generated on every evaluated task."""
-    try:
-        from llgbm_worlds import score
-    except ImportError:  # older llgbm_worlds without the top-level export
-        from llgbm_worlds.scoring import score
+    from llgbm_worlds import score
 
     ec = setup.cfg.eval
     mean = mean_adapter(setup.data.teachers)
@@ -305,10 +302,16 @@ def evaluate(
         "per_task": per_task,
     }
     if out_dir is not None:
+        stem = report_stem(ec.tasks)
         ev = Path(out_dir) / "eval"
-        atomic_write_text(ev / "report.json", json.dumps(report, indent=2))
-        atomic_write_text(ev / "report.md", report_markdown(report))
+        atomic_write_text(ev / f"{stem}.json", json.dumps(report, indent=2))
+        atomic_write_text(ev / f"{stem}.md", report_markdown(report))
     return report
+
+
+def report_stem(tasks: str) -> str:
+    """`report` for the held-out evaluation (the run's result), `report-<tasks>` otherwise."""
+    return "report" if tasks == "heldout" else f"report-{tasks}"
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -367,11 +370,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_summary(report: dict[str, Any], title: str = "held-out evaluation") -> None:
+def print_summary(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{title} ({report['n_tasks']} tasks)")
+    table = Table(title=f"evaluation on {report['tasks_evaluated']} tasks ({report['n_tasks']})")
     for h in SUMMARY_HEADER:
         table.add_column(h, justify="left" if h == "adapter" else "right")
     for r in summary_rows(report):
@@ -386,9 +389,18 @@ def load_trained(run: Run, setup: Setup) -> torch.nn.Module:
     return setup.generator
 
 
-def evaluate_run(run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, *, tasks: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Re-evaluate a finished run; `tasks` ("heldout", "train", "all") overrides `eval.tasks`.
+
+    Evaluating the train tasks (on their unseen test items) separates "the generator does not
+    fit its training tasks" from "it does not generalise to held-out ones".
+    """
     run = Run.open(run_dir)
     cfg = run.config()
+    if tasks is not None:
+        cfg = cfg.override([f"eval.tasks={tasks}"])
     setup = prepare(cfg, device=resolve_device(cfg), progress=progress)
     generator = load_trained(run, setup)
     return evaluate(setup, generator, out_dir=run.dir, progress=progress)
