@@ -24,6 +24,7 @@ import math
 import os
 import re
 import tempfile
+from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class EncoderError(ValueError):
     """Bad encoder arguments or prompts."""
 
 
-class ConditionEncoder(nn.Module):
+class ConditionEncoder(nn.Module, metaclass=ABCMeta):
     """Base class: subclasses set `dim`, `max_tokens`, `encoder_id`, `trainable` and implement
     `_encode_texts(texts) -> (states [T, L, D] float32, mask [T, L] bool)`.
 
@@ -64,8 +65,9 @@ class ConditionEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(iter(self.parameters())).device
 
+    @abstractmethod
     def _encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Texts -> (states [n, L, D] float32, mask [n, L] bool), no caching."""
 
     def encode(self, prompts: list[list[str]]) -> tuple[Tensor, Tensor]:
         """B tasks x N prompts -> (states [B, N, L, D] float32, mask [B, N, L] bool).

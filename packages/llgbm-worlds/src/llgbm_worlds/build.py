@@ -153,7 +153,7 @@ def _base_done(base_dir: Path, fingerprint: str) -> str | None:
         if done.get("fingerprint") == fingerprint and sha256_file(weights) == done["sha256"]:
             return done["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # a missing or broken marker means the base is rebuilt, never trusted
     return None
 
 

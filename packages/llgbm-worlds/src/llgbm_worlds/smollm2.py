@@ -46,7 +46,7 @@ def convert_smollm2(out_dir: str | Path, *, progress: bool = True) -> Path:
             if sha256_file(out_dir / "model.safetensors") == done["sha256"]:
                 return out_dir
         except (OSError, ValueError, KeyError):
-            pass
+            pass  # a broken marker or weights file means: convert again, below
     model = AutoModelForCausalLM.from_pretrained(
         src.parent, gguf_file=src.name, dtype=torch.float32
     )

@@ -137,7 +137,7 @@ def _missing_message(root: Path) -> str:
             cmd = s.get("command", "")
             return f"{root}: world build did not finish (no world.json); resume it with `{cmd}`"
         except (json.JSONDecodeError, OSError):
-            pass
+            pass  # an unreadable build state only loses the resume hint; the messages below hold
     if not root.exists():
         return (
             f"{root}: no such world directory; build one with `llgbm world build tiny --out {root}`"

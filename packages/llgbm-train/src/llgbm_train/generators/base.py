@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 from llgbm_flora import LoraBatch, LoraSpec
 from torch import Tensor, nn
 
@@ -10,7 +12,7 @@ class GeneratorError(ValueError):
     """Bad generator arguments or inputs."""
 
 
-class Generator(nn.Module):
+class Generator(nn.Module, metaclass=ABCMeta):
     """Maps B conditions to B adapters of `spec`; gradients flow from every A and B to the
     generator's parameters (and to `cond`, so a trainable encoder learns too).
 
@@ -48,5 +50,6 @@ class Generator(nn.Module):
                 f"{list(cond.shape[:3])}"
             )
 
+    @abstractmethod
     def forward(self, cond: Tensor, cond_mask: Tensor) -> LoraBatch:
-        raise NotImplementedError
+        """[B, N, L, D] condition and [B, N, L] mask -> B adapters."""
