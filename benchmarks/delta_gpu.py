@@ -9,9 +9,10 @@ Needs only torch, transformers, peft, safetensors, numpy and tqdm; downloads not
 Setting: Qwen2Config with Qwen2.5-1.5B's shapes (hidden 1536, 28 layers, 12 heads, 2 KV heads,
 intermediate 8960, vocab 151936, tied embeddings), random init, bf16. LoRA r=16, alpha=32 on
 all 7 projections (18.5M parameters per adapter), random A and B. Probes: the 5 generic probes
-as random token ids with one length per probe; by default the lengths are the GPT-2/Qwen-style
-pre-token counts of the real probe texts (a close lower bound of Qwen2.5's token counts, whose
-tokenizer cannot be fetched here), or `--probe-tokens N` for N tokens each.
+as random token ids with one length per probe; by default the lengths are the token counts of
+the real probe texts under SmolLM2's byte-level BPE (49k vocabulary, the GPT-2/Qwen family of
+tokenizers; Qwen2.5's own tokenizer cannot be fetched here): [38, 33, 37, 36, 38]. `--probe-tokens
+pretoken` uses the (smaller) pre-token counts, `--probe-tokens N` N tokens each.
 
 Measured, in one run on one device:
 - bf16 matmul rate: mean of 10 products of 8192x8192 by 8192x8192 after 3 warm-ups.
@@ -19,8 +20,11 @@ Measured, in one run on one device:
   decoder layers) * L + 2 * (LoRA parameters) * L + 4 * n_layers * hidden * L^2 (QK^T and AV,
   counted as full, not causal, matrices)], L = probe length; no LM head (it is never run).
   FLOP limit (adapters/s) = matmul rate / FLOPs per adapter; "% of limit" = measured / limit.
-- batched: `delta_for_lora` under no_grad on adapters already on the GPU, for each `--chunk`
-  K (adapters per call), over `--adapters` adapters; peak memory per K.
+- batched: `delta_for_lora` under no_grad on adapters already on the GPU, for each `--path`
+  (hooks: HF model + LoRA forward hooks; fused: llgbm-flora's fused Llama-family forward;
+  compiled: the fused forward under torch.compile), `--unpad` layout and `--chunk` K (adapters
+  per call), over `--adapters` adapters; peak memory per setting. The compiled path's compile
+  time is reported separately (its warm-up call).
 - end to end: `compute_deltas((model, tok), dirs)` on `--e2e` adapters saved to disk (load,
   content hash, forward, drift check; no cache).
 - naive: per adapter `PeftModel.from_pretrained(model, dir)`, a full forward with
@@ -64,6 +68,9 @@ TINY = {
     "tie_word_embeddings": True,
     "max_position_embeddings": 512,
 }
+# Token counts of the five generic probes under SmolLM2-135M-Instruct's tokenizer (byte-level BPE,
+# 49,152 tokens), measured with `AutoTokenizer` on the llgbm smollm2 world's tokenizer.json.
+BPE_LENGTHS = [38, 33, 37, 36, 38]
 # GPT-2 / Qwen2-style pre-tokenisation; each piece is about one BPE token for common English.
 _PRETOKEN = re.compile(
     r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -149,6 +156,16 @@ def random_lora(spec, n: int, device, dtype, seed: int, requires_grad: bool = Fa
     return LoraBatch(spec, A, B)
 
 
+def kernel_table(fn, rows: int = 25) -> str:
+    """CUDA kernel time of one call of `fn`, top kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows)
+
+
 def naive_loop(model, batch, dirs) -> tuple[torch.Tensor, float]:
     """The PEFT loop people write (made correct with unload()). -> ([n, H] deltas, seconds)."""
     from peft import PeftModel
@@ -192,14 +209,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--e2e", type=int, default=32, help="adapters for compute_deltas from disk (0: skip)"
     )
+    p.add_argument("--e2e-batch", type=int, default=64, help="adapters_per_batch of the e2e run")
     p.add_argument("--grad-adapters", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument(
         "--probe-tokens",
-        type=int,
         default=None,
-        help="fixed probe length (default: pre-token counts)",
+        help="N (fixed probe length) or 'pretoken' (default: SmolLM2 BPE token counts)",
     )
+    p.add_argument(
+        "--path",
+        nargs="+",
+        choices=["hooks", "fused", "compiled"],
+        default=["hooks", "fused", "compiled"],
+        help="forward path(s) of the batched sweep",
+    )
+    p.add_argument("--profile", action="store_true", help="print a CUDA kernel-time table per path")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
@@ -230,10 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
 
     probes = generic_probes()
-    if args.probe_tokens:
-        lengths = [args.probe_tokens] * len(probes)
-    else:
+    if args.probe_tokens == "pretoken":
         lengths = [len(_PRETOKEN.findall(t)) for t in probes.texts]
+    elif args.probe_tokens:
+        lengths = [int(args.probe_tokens)] * len(probes)
+    else:
+        lengths = list(BPE_LENGTHS)
     tok = SyntheticTokenizer(probes.texts, lengths, shapes["vocab_size"], seed=args.seed)
 
     config = Qwen2Config(**shapes, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -254,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "lora_params": spec.num_params(),
         "rank": args.rank,
         "probe_lengths": lengths,
-        "probe_tokens": "fixed" if args.probe_tokens else "pre-token counts of the generic probes",
+        "probe_tokens": args.probe_tokens or "SmolLM2 BPE token counts of the generic probes",
         "model_build_s": build_s,
     }
     print(
@@ -284,36 +311,52 @@ def main(argv: list[str] | None = None) -> dict:
     pool = random_lora(spec, max(args.chunk), device, dtype, args.seed + 1)
     sweep = []
     layouts = {"auto": None, "yes": True, "no": False}
-    for mode, k in [(m, k) for m in args.unpad for k in args.chunk]:
-        unpad = layouts[mode]
+    paths = {"hooks": (False, False), "fused": (True, False), "compiled": (True, True)}
+    combos = [(path, m, k) for path in args.path for m in args.unpad for k in args.chunk]
+    with torch.no_grad():  # every path must give the same deltas: compare on 8 adapters
+        check = delta_for_lora(model, tok, pool[:8], batch, base=base_v, fused=False, unpad=False)
+    for path, mode, k in combos:
+        fused, compiled = paths[path]
+        kw = dict(base=base_v, unpad=layouts[mode], fused=fused, compile=compiled)
         reset_peak(device)
-        row = {"chunk": k, "unpad": mode}
+        row = {"path": path, "chunk": k, "unpad": mode}
         try:
             with torch.no_grad():
-                delta_for_lora(model, tok, pool[:k], batch, base=base_v, unpad=unpad)  # warm-up
+                t0 = time.perf_counter()
+                delta_for_lora(model, tok, pool[:k], batch, **kw)  # warm-up (compiles)
                 sync(device)
+                row["warmup_s"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 done = 0
                 while done < args.adapters:
                     n = min(k, args.adapters - done)
-                    delta_for_lora(model, tok, pool[:n], batch, base=base_v, unpad=unpad)
+                    delta_for_lora(model, tok, pool[:n], batch, **kw)
                     done += n
                 sync(device)
             secs = time.perf_counter() - t0
+            with torch.no_grad():
+                diff = (delta_for_lora(model, tok, pool[:8], batch, **kw) - check).abs().max()
             row.update(
+                max_abs_diff_vs_hooks=float(diff),
                 adapters=args.adapters,
                 seconds=secs,
                 adapters_per_s=args.adapters / secs,
                 pct_of_limit=100 * args.adapters / secs / limit,
                 peak_gib=peak_gib(device),
             )
+            if args.profile and device.type == "cuda":
+                row["profile"] = kernel_table(
+                    lambda kw=kw, lora=pool[:k]: delta_for_lora(model, tok, lora, batch, **kw)
+                )
+                print(row["profile"])
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         sweep.append(row)
         print(
-            f"batched unpad={mode} chunk {k}: "
+            f"batched {path} unpad={mode} chunk {k}: "
             + (
-                f"{row['adapters_per_s']:.1f} adapters/s ({row['pct_of_limit']:.1f}% of limit)"
+                f"{row['adapters_per_s']:.1f} adapters/s ({row['pct_of_limit']:.1f}% of limit), "
+                f"warm-up {row['warmup_s']:.1f} s, max |diff| vs hooks {row['max_abs_diff_vs_hooks']:.2e}"
                 if "error" not in row
                 else row["error"]
             )
@@ -352,16 +395,18 @@ def main(argv: list[str] | None = None) -> dict:
                 save_adapter(pool[i % len(pool)].to(device="cpu"), Path(tmp) / f"e{i}")
                 for i in range(args.e2e)
             ]
-            compute_deltas((model, tok), e2e_dirs[:2], probes, progress=False)  # warm-up
+            e2e_batch = min(args.e2e_batch, args.e2e)
+            kw = {"progress": False, "adapters_per_batch": e2e_batch}
+            # Warm-up with the same batch size: compiles the fused layer for these shapes.
+            compute_deltas((model, tok), e2e_dirs[:e2e_batch], probes, **kw)
             sync(device)
             t0 = time.perf_counter()
-            compute_deltas(
-                (model, tok), e2e_dirs, probes, progress=False, adapters_per_batch=best["chunk"]
-            )
+            compute_deltas((model, tok), e2e_dirs, probes, **kw)
             sync(device)
             secs = time.perf_counter() - t0
             res["end_to_end"] = {
                 "adapters": args.e2e,
+                "adapters_per_batch": e2e_batch,
                 "seconds": secs,
                 "adapters_per_s": args.e2e / secs,
             }
@@ -403,25 +448,25 @@ def main(argv: list[str] | None = None) -> dict:
     res["fwd_bwd"] = grads
 
     print()
-    print("| path | chunk | adapters/s | % of FLOP limit | peak GiB |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| path | layout | chunk | adapters/s | % of FLOP limit | peak GiB |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in sweep:
         if "error" in r:
-            print(f"| batched (unpad={r['unpad']}) | {r['chunk']} | {r['error']} | | |")
+            print(f"| {r['path']} | unpad={r['unpad']} | {r['chunk']} | {r['error']} | | |")
         else:
             pk = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
             print(
-                f"| batched (unpad={r['unpad']}) | {r['chunk']} | {r['adapters_per_s']:.1f} | {r['pct_of_limit']:.1f} | {pk} |"
+                f"| {r['path']} | unpad={r['unpad']} | {r['chunk']} | {r['adapters_per_s']:.1f} | {r['pct_of_limit']:.1f} | {pk} |"
             )
     if "end_to_end" in res:
         e = res["end_to_end"]
         print(
-            f"| compute_deltas (disk) | {best['chunk']} | {e['adapters_per_s']:.1f} | "
+            f"| compute_deltas (disk) | default | {e['adapters_per_batch']} | {e['adapters_per_s']:.1f} | "
             f"{100 * e['adapters_per_s'] / limit:.1f} | |"
         )
     nv = res["naive"]
     print(
-        f"| naive PEFT loop | 1 | {nv['adapters_per_s']:.2f} | {100 * nv['adapters_per_s'] / limit:.2f} | |"
+        f"| naive PEFT loop | padded | 1 | {nv['adapters_per_s']:.2f} | {100 * nv['adapters_per_s'] / limit:.2f} | |"
     )
     if args.out:
         tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")

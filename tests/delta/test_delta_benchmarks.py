@@ -32,10 +32,17 @@ def test_delta_cpu_benchmark_runs(tmp_path, capsys):
 def test_delta_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     argv = ["--tiny", "--device", "cpu", "--adapters", "4", "--chunk", "2", "4", "--naive", "1"]
-    argv += ["--e2e", "2", "--grad-adapters", "2", "--out", str(out)]
+    argv += ["--e2e", "2", "--grad-adapters", "2", "--path", "hooks", "fused", "--out", str(out)]
     res = _load("delta_gpu").main(argv)
     saved = json.loads(out.read_text())
-    assert saved["shapes"] == "tiny" and [r["chunk"] for r in saved["batched"]] == [2, 4]
+    rows = [(r["path"], r["chunk"]) for r in saved["batched"]]
+    assert saved["shapes"] == "tiny" and rows == [
+        ("hooks", 2),
+        ("hooks", 4),
+        ("fused", 2),
+        ("fused", 4),
+    ]
+    assert all(r["max_abs_diff_vs_hooks"] < 1e-4 for r in saved["batched"])
     assert res["naive"]["max_abs_diff_vs_batched"] < 1e-4
     assert res["flop_limit_adapters_per_s"] > 0 and res["batched_best"]["pct_of_limit"] > 0
     assert all("seconds" in r for r in res["fwd_bwd"])

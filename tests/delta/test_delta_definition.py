@@ -63,7 +63,8 @@ def test_encode_probes_pads_both_sides(tok):
 
 @pytest.mark.parametrize("token", ["last", "mean"])
 def test_left_and_right_padding_give_equal_deltas(model, tok, adapter_dirs, token):
-    """The padded forward (unpad=False) under both paddings, and the unpadded groups, agree."""
+    """Both paths agree under both paddings: the fused (packed) forward, and the hooked HF
+    forward padded (unpad=False) or in unpadded groups."""
     spec = DeltaSpec(token=token)
     lora = LoraBatch.from_adapters([load_adapter(p) for p in adapter_dirs[:3]])
     out = {}
@@ -71,12 +72,34 @@ def test_left_and_right_padding_give_equal_deltas(model, tok, adapter_dirs, toke
         for side in ("left", "right"):
             batch = encode_probes(tok, generic_probes(), padding_side=side)
             for unpad in (False, True):
-                v = activations(model, batch, spec, lora, unpad=unpad)
-                out[side, unpad] = v - activations(model, batch, spec, unpad=unpad)
-    ref = out["right", True]
+                kw = {"unpad": unpad, "fused": False}
+                v = activations(model, batch, spec, lora, **kw)
+                out[side, "hooks", unpad] = v - activations(model, batch, spec, **kw)
+            v = activations(model, batch, spec, lora, fused=True)
+            out[side, "fused"] = v - activations(model, batch, spec, fused=True)
+            # The default takes the fused path for this Llama model.
+            assert torch.equal(activations(model, batch, spec, lora), v)
+    ref = out["right", "hooks", True]
     assert ref.abs().max() > 1e-2
     for key, value in out.items():
         torch.testing.assert_close(value, ref, rtol=0, atol=1e-5, msg=str(key))
+
+
+def test_fused_path_refuses_what_it_cannot_compute(model, tok):
+    batch = encode_probes(tok, generic_probes())
+    with pytest.raises(DeltaSpecError, match="computes the last layer only"):
+        activations(model, batch, DeltaSpec(layer=1), fused=True)
+    # Left to the default, another layer silently takes the hooked path (tested equal below).
+    activations(model, batch, DeltaSpec(layer=1))
+
+
+def test_right_padded_view_of_left_padding(tok):
+    left = encode_probes(tok, generic_probes(), padding_side="left")
+    right = encode_probes(tok, generic_probes(), padding_side="right")
+    ids, lengths = left.right_padded()
+    assert lengths.tolist() == right.attention_mask.sum(1).tolist()
+    real = right.attention_mask.bool()
+    assert torch.equal(ids[real], right.input_ids[real])
 
 
 def test_length_groups_strip_padding(tok):

@@ -78,6 +78,7 @@ def _cmd_compute(args: argparse.Namespace) -> int:
             method=args.method,
             progress=not args.no_progress,
             keep_going=args.keep_going,
+            compile=args.compile,
         )
     failures = [msg for _, msg in problems]
     if result is not None:
@@ -208,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--layer", type=int, default=-1, help="hidden_states index (default -1: last, post-norm)"
     )
     c.add_argument("--token", default="last", choices=("last", "mean"), help="token rule")
+    c.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the fused forward (default: on CUDA)",
+    )
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_compute)
 

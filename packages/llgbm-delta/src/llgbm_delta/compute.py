@@ -248,6 +248,7 @@ def run_deltas(
     progress: bool = True,
     keep_going: bool = False,
     loader_threads: int | None = None,
+    compile: bool | None = None,
 ) -> DeltaResult:
     """Deltas of `adapters` plus a report (cache hits, failures, timing); see compute_deltas."""
     if method not in METHODS:
@@ -262,6 +263,7 @@ def run_deltas(
     dev = next(model.parameters()).device
     batch = encode_probes(tokenizer, probe_set, device=dev)
     fingerprint = model_fingerprint(model)
+    use_compile = dev.type == "cuda" if compile is None else compile
     info = BaseInfo(
         fingerprint=fingerprint,
         name=base_name,
@@ -317,6 +319,7 @@ def run_deltas(
                     spec,
                     base=base_v,
                     adapter_chunk_size=adapter_chunk_size,
+                    compile=use_compile,
                 )  # [len(group), H]
             d = d.cpu().numpy()
         except (RuntimeError, ValueError) as e:
@@ -439,6 +442,7 @@ def compute_deltas(
     progress: bool = True,
     keep_going: bool = False,
     loader_threads: int | None = None,
+    compile: bool | None = None,
 ) -> np.ndarray:
     """Delta activations of `adapters` on `base`: float32 numpy [len(adapters), hidden].
 
@@ -451,6 +455,8 @@ def compute_deltas(
     adapters_per_batch: adapters per forward (n adapters x P probes rows); adapter_chunk_size:
     flora's micro-batching inside that forward (memory); loader_threads: threads loading and
     hashing adapters ahead of the forward passes (default: 4 on an accelerator, 1 on CPU).
+    compile: `torch.compile` the fused forward (default: on CUDA; the first batch of each size
+    then takes seconds to compile, later ones run ~1.4x faster: docs/benchmarks.md).
     """
     return run_deltas(
         base,
@@ -466,4 +472,5 @@ def compute_deltas(
         progress=progress,
         keep_going=keep_going,
         loader_threads=loader_threads,
+        compile=compile,
     ).deltas

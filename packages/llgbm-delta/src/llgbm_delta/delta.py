@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from llgbm_flora import LoraAdapter, LoraBatch, functional_forward
+from llgbm_flora.fused import fused_hidden_states, fused_unsupported
 from torch import Tensor, nn
 
 from llgbm_delta.errors import DeltaSpecError, ProbeError
@@ -58,6 +59,13 @@ class ProbeBatch:
             "attention_mask": self.attention_mask.repeat(n_adapters, 1),  # [n*P, T]
             "position_ids": self.position_ids.repeat(n_adapters, 1),  # [n*P, T]
         }
+
+    def right_padded(self) -> tuple[Tensor, Tensor]:
+        """The probes right-padded (real tokens first, any pad id) and their lengths. [P, T], [P]."""
+        mask = self.attention_mask.bool()
+        lengths = mask.sum(-1)  # [P]
+        order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # real tokens first
+        return torch.gather(self.input_ids, 1, order), lengths
 
     def length_groups(self) -> list[tuple[list[int], ProbeBatch]]:
         """Probes of equal real length, unpadded: [(probe indices, ProbeBatch [P_g, L])].
@@ -179,18 +187,30 @@ def activations(
     adapter_chunk_size: int | None = None,
     gradient_checkpointing: bool = False,
     unpad: bool | None = None,
+    fused: bool | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """v for the base (lora=None) or each adapter of `lora`. -> [n_adapters, H] float32.
 
-    With `unpad=True` probes run in groups of equal length without padding (one forward per
-    distinct length); `unpad=False` runs the padded batch in one forward. Both compute the same
-    definition (tested equal). The default (None) unpads on CPU, where it is about 2x faster, and
-    pads on accelerators, where one large forward beats one small forward per probe length
-    (measured on an H100: docs/benchmarks.md).
+    Path: `fused=True` runs llgbm-flora's fused Llama-family forward (`fused_hidden_states`),
+    `False` the HF model with LoRA hooks (`functional_forward`: any architecture, any layer).
+    The default (None) takes the fused path when the model supports it and `spec.layer` is the
+    last layer. The fused path packs the probes (no compute on padding) into one forward;
+    `compile=True` compiles its layer with `torch.compile`.
+
+    Layout of the hooks path: with `unpad=True` probes run in groups of equal length without
+    padding (one forward per distinct length); `unpad=False` runs them padded in one forward.
+    The default (None) unpads on CPU and pads on accelerators (docs/benchmarks.md).
+    Every combination computes the same definition (tested equal).
     """
+    n = len(lora) if isinstance(lora, LoraBatch) else 1
+    if _use_fused(model, batch, spec, fused):
+        rows = _fused_rows(
+            model, batch, spec, lora, n, adapter_chunk_size, gradient_checkpointing, compile
+        )  # [n*P, H]
+        return rows.view(n, batch.n_probes, -1).mean(1)
     if unpad is None:
         unpad = _device_of(model).type == "cpu"
-    n = len(lora) if isinstance(lora, LoraBatch) else 1
     groups = batch.length_groups() if unpad else [(list(range(batch.n_probes)), batch)]
     pooled: list[Tensor | None] = [None] * batch.n_probes
     for idx, group in groups:
@@ -201,6 +221,54 @@ def activations(
         for j, i in enumerate(idx):
             pooled[i] = rows[:, j]  # [n, H]
     return torch.stack(pooled, 1).mean(1)  # [n, P, H] -> [n, H]
+
+
+def _use_fused(model: nn.Module, batch: ProbeBatch, spec: DeltaSpec, fused: bool | None) -> bool:
+    if fused is False:
+        return False
+    reason = fused_unsupported(model, int(batch.attention_mask.sum(-1).max()))
+    if reason is None and spec.layer != -1:
+        reason = f"DeltaSpec.layer={spec.layer} (the fused path computes the last layer only)"
+    if reason is not None and fused:
+        raise DeltaSpecError(f"fused=True, but the fused path cannot run this: {reason}")
+    return reason is None
+
+
+def _fused_rows(
+    model: nn.Module,
+    batch: ProbeBatch,
+    spec: DeltaSpec,
+    lora: LoraAdapter | LoraBatch | None,
+    n: int,
+    adapter_chunk_size: int | None,
+    gradient_checkpointing: bool,
+    compile: bool,
+) -> Tensor:
+    """Pooled rows of the fused path, adapter-major. -> [n*P, H] float32 (float64 stays)."""
+    ids, lengths = batch.right_padded()  # [P, T], [P]
+    step = n if adapter_chunk_size is None else max(1, adapter_chunk_size)
+    out = []
+    for a0 in range(0, n, step):
+        sub = lora if (lora is None or isinstance(lora, LoraAdapter)) else lora[a0 : a0 + step]
+        k = min(step, n - a0)
+        rep_ids = ids.repeat(k, 1)  # [k*P, T]
+        rep_len = lengths.repeat(k)  # [k*P]
+        select = rep_len - 1 if spec.token == "last" else None
+        h = fused_hidden_states(
+            model,
+            sub,
+            rep_ids,
+            lengths=rep_len,
+            select=select,
+            compile=compile,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        if spec.token == "last":
+            out.append(h.to(torch.promote_types(h.dtype, torch.float32)))  # [k*P, H]
+        else:
+            mask = torch.arange(ids.shape[1], device=ids.device) < rep_len.unsqueeze(1)
+            out.append(pool_tokens(h, mask.long(), spec.token))
+    return torch.cat(out, 0) if len(out) > 1 else out[0]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -235,14 +303,16 @@ def delta_for_lora(
     adapter_chunk_size: int | None = None,
     gradient_checkpointing: bool = False,
     unpad: bool | None = None,
+    fused: bool | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Deltas of a batch of adapters, differentiable wrt the adapter tensors. -> [n, H] float32.
 
     (float64 if the model runs in float64, e.g. for finite-difference checks.)
 
     `base` is `base_activation(...)` for the same model, probes and spec; pass it to skip
-    recomputing it every call (training does). A single LoraAdapter gives [1, H]. `unpad`: see
-    `activations`.
+    recomputing it every call (training does). A single LoraAdapter gives [1, H]. `unpad`, `fused`,
+    `compile`: see `activations`.
     """
     batch = _as_batch(tokenizer, probes, model)
     if base is None:
@@ -257,5 +327,7 @@ def delta_for_lora(
         adapter_chunk_size=adapter_chunk_size,
         gradient_checkpointing=gradient_checkpointing,
         unpad=unpad,
+        fused=fused,
+        compile=compile,
     )  # [n, H]
     return v - base.to(v.device, v.dtype)
