@@ -173,3 +173,16 @@ def test_compiled_layer_equals_eager():
     with torch.no_grad():
         compiled = fused_hidden_states(model, batch, ids, compile=True, **kw)
     torch.testing.assert_close(compiled, eager.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_select_outside_a_row_is_refused(packed):
+    model = tiny_llama(seed=0)
+    ids, _, lengths = _inputs()
+    bad = lengths.clone()  # one past the last real token: in packed rows, the next row's token
+    with pytest.raises(LoraError, match="inside the row's real tokens"):
+        fused_hidden_states(
+            model, None, ids, lengths=lengths if packed else None, select=bad + (0 if packed else 9)
+        )
+    with pytest.raises(LoraError, match="one index per row"):
+        fused_hidden_states(model, None, ids, lengths=lengths, select=lengths[:2] - 1)

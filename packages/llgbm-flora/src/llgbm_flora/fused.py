@@ -23,6 +23,7 @@ head_dim**-0.5): tested equal to the hooked HF forward within 1e-5 in float32 fo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -129,9 +130,9 @@ def fused_hidden_states(
     n_heads = config.num_attention_heads
     n_kv = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or H // n_heads
-    sel = None if select is None else layout.select(select.to(device))  # [N] flat, [N] position
+    sel = None if select is None else layout.select(select.to(device), N, T)  # [N] flat, position
     # The Triton MLP kernel (forward only) where it applies; else bmm + elementwise ops.
-    mlp_kernel = adapters is not None and swiglu_lora_supported(h, _rank(adapters))
+    mlp_kernel = adapters is not None and swiglu_lora_supported(h, adapters.spec.rank)
     layers = list(backbone.layers)
     for i, layer in enumerate(layers):
         last = sel is not None and i == len(layers) - 1
@@ -142,7 +143,7 @@ def fused_hidden_states(
             _weights(layer),
             lora.get(i),
             layout.pad_idx,
-            layout.real_idx_padded,
+            layout.real_idx,
             sel if last else None,
         )
         static = dict(
@@ -172,24 +173,21 @@ def fused_hidden_states(
     return out.view(N, T, H)
 
 
+@dataclass(frozen=True)
 class _Layout:
     """Where each row's real tokens sit: padded ([P, T] per adapter) or packed ([S] per adapter).
 
-    positions: [S] rotary position of each token. Packed only: real_idx [S] (padded slot of each
-    packed token), pad_idx [P*T] (packed token feeding each padded slot; pads repeat a real token
-    of their row, whose values causal attention never lets a real token read), starts [P].
-    real_idx_padded: real_idx for the layer (None when padded).
+    positions: [S] rotary position of each token; starts: [P] index of each row's first token.
+    Packed only (else None): real_idx [S] (padded slot of each packed token), pad_idx [P*T]
+    (packed token feeding each padded slot; a pad repeats a real token of its row, and causal
+    attention never lets a real token read a pad).
     """
 
-    def __init__(self, positions, real_idx, pad_idx, starts, T):
-        self.positions, self.real_idx, self.pad_idx, self.starts, self.T = (
-            positions,
-            real_idx,
-            pad_idx,
-            starts,
-            T,
-        )
-        self.real_idx_padded = real_idx
+    positions: Tensor
+    real_idx: Tensor | None
+    pad_idx: Tensor | None
+    starts: Tensor
+    lengths: Tensor | None  # [P] real tokens per row, packed only
 
     @classmethod
     def build(cls, lengths: Tensor | None, n: int, P: int, T: int, device) -> _Layout:
@@ -199,7 +197,7 @@ class _Layout:
                 lengths = None  # rows differ between adapters (or are empty): stay padded
         if lengths is None:
             positions = torch.arange(T, device=device).repeat(P)  # [P*T]
-            return cls(positions, None, None, torch.arange(P, device=device) * T, T)
+            return cls(positions, None, None, torch.arange(P, device=device) * T, None)
         lens = lengths[0]  # [P]
         t = torch.arange(T, device=device)
         real = t.unsqueeze(0) < lens.unsqueeze(1)  # [P, T]
@@ -208,14 +206,21 @@ class _Layout:
         starts = torch.cumsum(lens, 0) - lens  # [P] packed index of each row's first token
         packed_of = starts.unsqueeze(1) + torch.minimum(t.unsqueeze(0), lens.unsqueeze(1) - 1)
         positions = t.unsqueeze(0).expand(P, T)[real]  # [S]
-        return cls(positions, real_idx, packed_of.reshape(P * T), starts, T)
+        return cls(positions, real_idx, packed_of.reshape(P * T), starts, lens)
 
-    def select(self, select: Tensor) -> tuple[Tensor, Tensor]:
+    def select(self, select: Tensor, N: int, T: int) -> tuple[Tensor, Tensor]:
         """Row-wise token index [N] -> (flat index into [n*S] tokens, rotary position) [N] each."""
-        N = select.shape[0]
+        if select.shape != (N,):
+            raise LoraError(
+                f"fused_hidden_states: select must hold one index per row ({N}), got "
+                f"shape {tuple(select.shape)}"
+            )
         P = self.starts.shape[0]
         S = self.positions.shape[0]
         row = torch.arange(N, device=select.device)
+        limit = T if self.lengths is None else self.lengths[row % P]
+        if not bool(((select >= 0) & (select < limit)).all()):
+            raise LoraError("fused_hidden_states: select must point inside the row's real tokens")
         flat = (row // P) * S + self.starts[row % P] + select
         return flat, select
 
@@ -275,10 +280,6 @@ def _prepare(
             groups.append((At, Bt))
         lora[i] = (float(spec.scale), spec.rank, tuple(groups))
     return n, lora
-
-
-def _rank(adapters: LoraAdapter | LoraBatch) -> int:
-    return adapters.spec.rank
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
