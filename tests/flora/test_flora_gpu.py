@@ -104,7 +104,7 @@ def test_swiglu_lora_kernel_matches_torch():
 
 
 def test_swiglu_lora_kernel_with_strides_beyond_int32():
-    """Adapters packed in one buffer (compute_deltas' layout) put B's batch stride past 2**31."""
+    """B as a view into a larger buffer (e.g. adapters packed together): batch stride > 2**31."""
     from llgbm_flora.kernels import swiglu_lora
 
     n, S, N, r = 2, 20, 64, 16
