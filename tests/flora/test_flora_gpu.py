@@ -124,3 +124,46 @@ def test_swiglu_lora_kernel_with_strides_beyond_int32():
     uu = u.float() + torch.bmm(xa[..., r:].float(), Bu.float())
     ref = torch.nn.functional.silu(gg) * uu
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("n", "S", "K", "N"), [(3, 37, 96, 200), (40, 5, 64, 136), (2, 300, 128, 256)]
+)
+def test_gemm_swiglu_lora_kernel_matches_torch(n, S, K, N):
+    """Tiles straddle adapters (S=37), hold many (S=5) or sit inside one (S=300); K and N are not
+    multiples of the blocks; B strided as in the forward."""
+    from llgbm_flora.kernels import gemm_swiglu_lora, gemm_swiglu_lora_supported
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0+")
+    gen = torch.Generator("cuda").manual_seed(0)
+    r = 16
+    kw = {"device": "cuda", "dtype": torch.bfloat16, "generator": gen}
+    x = torch.randn(n, S, K, **kw)
+    wg, wu = torch.randn(N, K, **kw) * K**-0.5, torch.randn(N, K, **kw) * K**-0.5
+    xa = torch.randn(n, S, 2 * r, **kw)
+    Bg = torch.randn(n, N, r, **kw).transpose(1, 2)  # [n, r, N]
+    Bu = torch.randn(n, N, r, **kw).transpose(1, 2)
+    with torch.no_grad():
+        assert gemm_swiglu_lora_supported(x, wg, wu, r)
+        got = gemm_swiglu_lora(x, wg, wu, xa, Bg, Bu, 0.5).float()
+    f = {k: t.float() for k, t in {"x": x, "wg": wg, "wu": wu, "xa": xa}.items()}
+    gg = f["x"] @ f["wg"].T + 0.5 * torch.bmm(f["xa"][..., :r], Bg.float())
+    uu = f["x"] @ f["wu"].T + 0.5 * torch.bmm(f["xa"][..., r:], Bu.float())
+    ref = torch.nn.functional.silu(gg) * uu
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
+    assert not gemm_swiglu_lora_supported(x, wg, wu, 8)
+    assert not gemm_swiglu_lora_supported(x, wg[:, :-1], wu[:, :-1], r)  # a strided view
+
+
+def test_fused_forward_uses_the_gemm_kernel_on_hopper():
+    from llgbm_flora.fused import _mlp_kernel
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability 9.0+")
+    model = tiny_qwen2(seed=0, hidden=64).to("cuda", torch.bfloat16)
+    batch = random_batch(tiny_spec(model, rank=16, alpha=32), n=2, seed=1).to("cuda")
+    h = torch.zeros(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _mlp_kernel(h, model.model, batch) == "gemm"
+        assert _mlp_kernel(h.float(), model.model, batch) is None

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import LoraError
-from .kernels import swiglu_lora, swiglu_lora_supported
+from .kernels import (
+    gemm_swiglu_lora,
+    gemm_swiglu_lora_supported,
+    swiglu_lora,
+    swiglu_lora_supported,
+)
 from .mapping import check_fits
 from .spec import LoraAdapter, LoraBatch
 
@@ -131,8 +136,7 @@ def fused_hidden_states(
     n_kv = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or H // n_heads
     sel = None if select is None else layout.select(select.to(device), N, T)  # [N] flat, position
-    # The Triton MLP kernel (forward only) where it applies; else bmm + elementwise ops.
-    mlp_kernel = adapters is not None and swiglu_lora_supported(h, adapters.spec.rank)
+    mlp_kernel = _mlp_kernel(h, backbone, adapters)
     layers = list(backbone.layers)
     for i, layer in enumerate(layers):
         last = sel is not None and i == len(layers) - 1
@@ -223,6 +227,17 @@ class _Layout:
             raise LoraError("fused_hidden_states: select must point inside the row's real tokens")
         flat = (row // P) * S + self.starts[row % P] + select
         return flat, select
+
+
+def _mlp_kernel(h: Tensor, backbone: nn.Module, adapters) -> str | None:
+    """Which Triton MLP kernel (forward only) applies: "gemm", "swiglu" or None (torch ops)."""
+    if adapters is None or not swiglu_lora_supported(h, adapters.spec.rank):
+        return None
+    r = adapters.spec.rank
+    mlps = [layer.mlp for layer in backbone.layers]
+    if all(gemm_swiglu_lora_supported(h, m.gate_proj.weight, m.up_proj.weight, r) for m in mlps):
+        return "gemm"
+    return "swiglu"
 
 
 def _compiled_layer() -> Callable:
@@ -348,7 +363,7 @@ def _layer(
     eps2: float,
     scaling: float,
     inplace: bool,
-    mlp_kernel: bool = False,
+    mlp_kernel: str | None = None,
 ) -> Tensor:
     """One decoder layer. h: [n, S, H] -> [n, S, H] (S = P*T padded, or the packed tokens).
 
@@ -398,8 +413,13 @@ def _layer(
     x = _rms_norm(h, ln2, eps2)
     gu = groups[2]
     if mlp_kernel and gu is not None and all(b is not None for b in gu[1]):
-        g, u = _linears(x, lin[4:6], None, **kw)
-        m = swiglu_lora(g, u, torch.bmm(x, gu[0]), gu[1][0], gu[1][1], scale)
+        (wg, bg), (wu, bu) = lin[4:6]
+        xa = torch.bmm(x, gu[0])  # [n, S, 2r]
+        if mlp_kernel == "gemm" and bg is None and bu is None:
+            m = gemm_swiglu_lora(x, wg, wu, xa, gu[1][0], gu[1][1], scale)
+        else:
+            g, u = _linears(x, lin[4:6], None, **kw)
+            m = swiglu_lora(g, u, xa, gu[1][0], gu[1][1], scale)
     else:
         g, u = _linears(x, lin[4:6], gu, **kw)
         m = F.silu(g) * u
