@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="probe layout of the batched sweep: auto (padded on GPU), yes (one forward per "
         "probe length), no (one padded forward)",
     )
-    p.add_argument("--naive", type=int, default=4, help="adapters through the PEFT loop")
+    p.add_argument("--naive", type=int, default=4, help="adapters through the PEFT loop (0: skip)")
     p.add_argument(
         "--e2e", type=int, default=32, help="adapters for compute_deltas from disk (0: skip)"
     )
@@ -368,26 +368,28 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="delta-gpu-") as tmp:
         # -- naive PEFT loop -------------------------------------------------------------------
         n_naive = args.naive
-        dirs = [
-            save_adapter(pool[i].to(device="cpu"), Path(tmp) / f"n{i}") for i in range(n_naive + 1)
-        ]
-        naive_loop(model, batch, dirs[:1])  # warm-up
-        naive_deltas, naive_s = naive_loop(model, batch, dirs[1:])
-        with torch.no_grad():
-            ref = delta_for_lora(model, tok, pool[1 : n_naive + 1], batch, base=base_v)
-        res["naive"] = {
-            "adapters": n_naive,
-            "seconds": naive_s,
-            "adapters_per_s": n_naive / naive_s,
-            "max_abs_diff_vs_batched": float((naive_deltas - ref).abs().max()),
-            "max_abs_delta": float(ref.abs().max()),
-        }
-        res["speedup_vs_naive"] = best["adapters_per_s"] / res["naive"]["adapters_per_s"]
-        print(
-            f"naive PEFT loop: {res['naive']['adapters_per_s']:.2f} adapters/s; batched best "
-            f"is {res['speedup_vs_naive']:.0f}x; max |diff| {res['naive']['max_abs_diff_vs_batched']:.2e} "
-            f"(max |delta| {res['naive']['max_abs_delta']:.2e})"
-        )
+        if n_naive:  # 0: skipped
+            dirs = [
+                save_adapter(pool[i].to(device="cpu"), Path(tmp) / f"n{i}")
+                for i in range(n_naive + 1)
+            ]
+            naive_loop(model, batch, dirs[:1])  # warm-up
+            naive_deltas, naive_s = naive_loop(model, batch, dirs[1:])
+            with torch.no_grad():
+                ref = delta_for_lora(model, tok, pool[1 : n_naive + 1], batch, base=base_v)
+            res["naive"] = {
+                "adapters": n_naive,
+                "seconds": naive_s,
+                "adapters_per_s": n_naive / naive_s,
+                "max_abs_diff_vs_batched": float((naive_deltas - ref).abs().max()),
+                "max_abs_delta": float(ref.abs().max()),
+            }
+            res["speedup_vs_naive"] = best["adapters_per_s"] / res["naive"]["adapters_per_s"]
+            print(
+                f"naive PEFT loop: {res['naive']['adapters_per_s']:.2f} adapters/s; batched best "
+                f"is {res['speedup_vs_naive']:.0f}x; max |diff| {res['naive']['max_abs_diff_vs_batched']:.2e} "
+                f"(max |delta| {res['naive']['max_abs_delta']:.2e})"
+            )
 
         # -- end to end from disk --------------------------------------------------------------
         if args.e2e:
@@ -464,10 +466,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"| compute_deltas (disk) | default | {e['adapters_per_batch']} | {e['adapters_per_s']:.1f} | "
             f"{100 * e['adapters_per_s'] / limit:.1f} | |"
         )
-    nv = res["naive"]
-    print(
-        f"| naive PEFT loop | padded | 1 | {nv['adapters_per_s']:.2f} | {100 * nv['adapters_per_s'] / limit:.2f} | |"
-    )
+    if "naive" in res:
+        nv = res["naive"]
+        print(
+            f"| naive PEFT loop | padded | 1 | {nv['adapters_per_s']:.2f} | {100 * nv['adapters_per_s'] / limit:.2f} | |"
+        )
     if args.out:
         tmp_out = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
         tmp_out.write_text(json.dumps(res, indent=1) + "\n")
