@@ -80,7 +80,15 @@ ADJECTIVES = [
 CODE_SOURCES = NOUNS[:12]
 CODE_WORDS = ["zib", "kor", "mup", "tal", "vex", "nod", "pim", "ruk", "sel", "wob", "yat", "fen"]
 CODE_NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "zeta"]
-WORDS = (*NOUNS, *LETTERS, *CODE_WORDS)  # single-word inputs of repeat / surround
+# Single-word inputs of repeat / surround: every content word (numbers, letters, nouns, adjectives,
+# code words), so that their teachers train on ~90 items per data split, not ~26.
+WORDS = (
+    *(str(n) for n in range(NUMBER_MAX + 1)),
+    *LETTERS,
+    *NOUNS,
+    *ADJECTIVES,
+    *CODE_WORDS,
+)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 ``measure_world(dir)`` computes, over the single-task teachers of the world, the silhouette score
 (cosine distance) of their Delta Activations on the generic probes (``llgbm_delta``) grouped by
-family, and the same for their flattened LoRA weights (A and B concatenated) for comparison.
+family, the same grouped by task, and the family silhouette of their flattened LoRA weights (A
+and B concatenated) for comparison.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def measure_world(path: str | Path, *, device: str | None = None, progress: bool
     out["n_teachers"] = len(teachers)
     out["n_families"] = len(set(labels))
     out["silhouette_delta"] = silhouette_cosine(deltas, labels)
+    # The same deltas grouped by task: do variants of one family (add 2 vs add 5) stay apart, or
+    # does a family collapse to one point? (Its checkpoints and data splits form each group.)
+    out["silhouette_delta_task"] = silhouette_cosine(deltas, [t.task for t in teachers])
     out["silhouette_weights"] = silhouette_cosine(flat_weights([t.path for t in teachers]), labels)
     out["max_base_accuracy"] = max(
         (t.base_accuracy for t in w.tasks if not math.isnan(t.base_accuracy)), default=float("nan")

@@ -1,8 +1,18 @@
 """The tiny world's base model: a small Llama built and briefly pretrained in-process.
 
 Pretraining teaches the prompt frame and generic skills only (repeat the input, next / previous
-number and letter, first / last word), never a task family, so the base cannot do the tasks and a
-rank-8 LoRA has structure to build on (ordered number and letter embeddings, copying).
+number and letter of one or two items, first / last word), never a task family, so the base
+cannot do the tasks and a rank-8 LoRA has structure to build on (ordered number and letter
+embeddings, copying, item-by-item answers).
+
+Every pretraining answer opens with its skill's word (``echo 3 cat``, ``next 4 6``), as every task
+answer opens with its family's word (``sum 5 7``). The base thus holds an *answer-style slot* at
+the ``### Response:`` token, and a teacher re-points that slot to its family word. An instruction
+without a skill keyword (half the ``echo`` examples use a random filler instruction, never with
+the probes' instruction words) gets the default style ``echo``: the base starts every task prompt
+and every generic probe with ``echo``, so the family word a teacher writes there shows on the
+probes too and teacher deltas cluster by family (docs/worlds.md, "The tiny base: pretraining with
+answer styles").
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from tqdm.auto import tqdm
@@ -25,8 +36,32 @@ from llgbm_worlds.families import (
     NUMBER_MAX,
     Example,
 )
-from llgbm_worlds.frame import HEADERS, format_prompt, generic_probe_texts
-from llgbm_worlds.tokenizer import build_tokenizer
+from llgbm_worlds.frame import (
+    GENERIC_INPUT,
+    GENERIC_TASK,
+    HEADERS,
+    format_prompt,
+    generic_probe_texts,
+)
+from llgbm_worlds.tokenizer import build_tokenizer, words_of
+
+# The word each pretraining skill's answer opens with (next / previous serve numbers and letters).
+SKILL_TAGS = ("echo", "next", "previous", "first", "last")
+# Words that name a skill; a filler instruction never contains one.
+SKILL_KEYWORDS = frozenset({"repeat", "next", "previous", "first", "last"})
+PRETRAIN_INSTRUCTIONS = (
+    "Repeat the input.",
+    "Write the next number.",
+    "Write the next number of each.",
+    "Write the previous number.",
+    "Write the previous number of each.",
+    "Write the next letter.",
+    "Write the next letter of each.",
+    "Write the previous letter.",
+    "Write the previous letter of each.",
+    "Write the first word.",
+    "Write the last word.",
+)
 
 
 @dataclass(frozen=True)
@@ -35,16 +70,23 @@ class TinyModelConfig:
 
     hidden: int = 96  # hidden size
     layers: int = 2  # decoder layers
-    heads: int = 4  # attention heads (= key/value heads)
+    heads: int = (
+        8  # attention heads (= key/value heads); 4 left the copy circuit unformed on some seeds
+    )
     intermediate: int = 288  # MLP width
     steps: int = 3000  # pretraining steps
     batch: int = 64  # sequences per step
     lr: float = 4e-3  # AdamW peak learning rate (linear warm-up, cosine decay)
+    # Share of `echo` (copy 1-4 words) among the 7 skills, against 1 for each other skill. Copying
+    # is the skill a 2-layer model learns last and seed-dependently: at 1, pretraining seeds 0-4
+    # echoed 0.31-0.86 of multi-word inputs and seed 0's teachers then averaged 21%; at 3,
+    # 0.88-1.0 on all five seeds (docs/worlds.md).
+    echo_weight: int = 3
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden: {self.hidden} must be divisible by heads={self.heads}")
-        for name in ("hidden", "layers", "heads", "intermediate", "steps", "batch"):
+        for name in ("hidden", "layers", "heads", "intermediate", "steps", "batch", "echo_weight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -59,41 +101,65 @@ def _content_tokens() -> list[str]:
     ]
 
 
-def pretrain_example(rng: random.Random) -> Example:
-    """One generic-skill example (never a task family's instruction)."""
-    skill = rng.randrange(7)
+@cache
+def filler_words() -> tuple[str, ...]:
+    """Words of random filler instructions: header, noun, adjective, code and pretraining words.
+
+    No skill keyword (so a filler instruction asks for the default style ``echo``) and no word of
+    the generic probes' instruction and input ("Please provide a response. Input:Input."), so
+    pretraining never shows the probes' instruction.
+    """
+    words = words_of(HEADERS, strip_frame=False) | set(NOUNS) | set(ADJECTIVES) | set(CODE_WORDS)
+    words |= words_of(PRETRAIN_INSTRUCTIONS)
+    probe_words = words_of([f"{GENERIC_TASK} Input:{GENERIC_INPUT}"])
+    return tuple(sorted(w for w in words if w.isalnum() and w not in SKILL_KEYWORDS | probe_words))
+
+
+def pretrain_example(rng: random.Random, echo_weight: int = 1) -> Example:
+    """One generic-skill example (never a task family's instruction); the answer opens with its tag."""
+    skill = rng.choices(range(7), weights=(echo_weight, 1, 1, 1, 1, 1, 1))[0]
     header = rng.randrange(len(HEADERS))
     pool = _content_tokens()
+    n = rng.randint(1, 2)  # next / previous: one item, or each of two
+    each = " of each" if n == 2 else ""
     if skill == 0:
         words = [rng.choice(pool) for _ in range(rng.randint(1, 4))]
-        instr, x, y = "Repeat the input.", " ".join(words), " ".join(words)
-    elif skill == 1:
-        n = rng.randrange(NUMBER_MAX)
-        instr, x, y = "Write the next number.", str(n), str(n + 1)
-    elif skill == 2:
-        n = rng.randrange(1, NUMBER_MAX + 1)
-        instr, x, y = "Write the number before it.", str(n), str(n - 1)
-    elif skill == 3:
-        i = rng.randrange(25)
-        instr, x, y = "Write the next letter.", LETTERS[i], LETTERS[i + 1]
-    elif skill == 4:
-        i = rng.randrange(1, 26)
-        instr, x, y = "Write the letter before it.", LETTERS[i], LETTERS[i - 1]
+        x = y = " ".join(words)
+        tag = "echo"
+        if rng.random() < 0.5:
+            filler = filler_words()
+            instr = " ".join(rng.choice(filler) for _ in range(rng.randint(3, 8)))
+            instr = instr.capitalize() + "."
+        else:
+            instr = "Repeat the input."
+    elif skill in (1, 2):
+        if skill == 1:
+            ns = [rng.randrange(NUMBER_MAX) for _ in range(n)]
+            y, tag = " ".join(str(k + 1) for k in ns), "next"
+        else:
+            ns = [rng.randrange(1, NUMBER_MAX + 1) for _ in range(n)]
+            y, tag = " ".join(str(k - 1) for k in ns), "previous"
+        instr, x = f"Write the {tag} number{each}.", " ".join(map(str, ns))
+    elif skill in (3, 4):
+        if skill == 3:
+            ns = [rng.randrange(25) for _ in range(n)]
+            y, tag = " ".join(LETTERS[i + 1] for i in ns), "next"
+        else:
+            ns = [rng.randrange(1, 26) for _ in range(n)]
+            y, tag = " ".join(LETTERS[i - 1] for i in ns), "previous"
+        instr, x = f"Write the {tag} letter{each}.", " ".join(LETTERS[i] for i in ns)
     else:
         words = [rng.choice(pool) for _ in range(rng.randint(2, 3))]
-        which = "first" if skill == 5 else "last"
-        instr, x = f"Write the {which} word.", " ".join(words)
+        tag = "first" if skill == 5 else "last"
+        instr, x = f"Write the {tag} word.", " ".join(words)
         y = words[0] if skill == 5 else words[-1]
-    return Example(format_prompt(instr, x, header=header), y)
+    return Example(format_prompt(instr, x, header=header), f"{tag} {y}")
 
 
 def vocabulary_texts() -> list[str]:
     """Every text the tiny tokenizer must cover: probes, pretraining and all task families."""
     texts = [*generic_probe_texts(), " ".join(_content_tokens())]
-    texts += [
-        "Repeat the input. Write the next number. Write the number before it. Write the next "
-        "letter. Write the letter before it. Write the first word. Write the last word."
-    ]
+    texts += [*PRETRAIN_INSTRUCTIONS, " ".join(SKILL_TAGS)]
     for fam in FAMILIES.values():
         for p in fam.params:
             texts.append(fam.instruction(p))
@@ -142,7 +208,7 @@ def pretrain(model, tokenizer, cfg: TinyModelConfig, *, seed: int, progress: boo
     bar = tqdm(range(cfg.steps), desc="pretrain tiny base", disable=not progress, leave=False)
     for _ in bar:
         batch = collate(
-            encode(tokenizer, [pretrain_example(rng) for _ in range(cfg.batch)]),
+            encode(tokenizer, [pretrain_example(rng, cfg.echo_weight) for _ in range(cfg.batch)]),
             tokenizer.pad_token_id,
         )
         loss = model(**batch).loss
