@@ -20,9 +20,12 @@ from torch import Tensor
 try:  # Triton ships with CUDA builds of torch; absent on CPU-only installs.
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+try:  # host-side TMA descriptors: Triton >= 3.3; older ones keep `swiglu_lora` only
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
 
 __all__ = [
     "gemm_swiglu_lora",
@@ -143,7 +146,8 @@ def swiglu_lora(g: Tensor, u: Tensor, xa: Tensor, Bg: Tensor, Bu: Tensor, scale:
 def gemm_swiglu_lora_supported(x: Tensor, w_gate: Tensor, w_up: Tensor, rank: int) -> bool:
     """Whether `gemm_swiglu_lora` can run: CUDA capability >= 9 (TMA), 16-byte aligned rows."""
     return (
-        swiglu_lora_supported(x, rank)
+        TensorDescriptor is not None
+        and swiglu_lora_supported(x, rank)
         and torch.cuda.get_device_capability(x.device)[0] >= 9
         and w_gate.dtype == w_up.dtype == x.dtype
         and w_gate.shape == w_up.shape
@@ -156,7 +160,7 @@ def gemm_swiglu_lora_supported(x: Tensor, w_gate: Tensor, w_up: Tensor, rank: in
     )
 
 
-if triton is not None:
+if triton is not None and TensorDescriptor is not None:
 
     def _gemm_hook(nargs: dict) -> None:
         """Give the host-side TMA descriptors the block shapes of the config being run."""
