@@ -34,6 +34,7 @@ from llgbm_worlds.families import (
     LETTERS,
     NOUNS,
     NUMBER_MAX,
+    WORDS,
     Example,
 )
 from llgbm_worlds.frame import (
@@ -91,16 +92,6 @@ class TinyModelConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
-def _content_tokens() -> list[str]:
-    return [
-        *map(str, range(NUMBER_MAX + 1)),
-        *LETTERS,
-        *NOUNS,
-        *ADJECTIVES,
-        *CODE_WORDS,
-    ]
-
-
 @cache
 def filler_words() -> tuple[str, ...]:
     """Words of random filler instructions: header, noun, adjective, code and pretraining words.
@@ -115,11 +106,11 @@ def filler_words() -> tuple[str, ...]:
     return tuple(sorted(w for w in words if w.isalnum() and w not in SKILL_KEYWORDS | probe_words))
 
 
-def pretrain_example(rng: random.Random, echo_weight: int = 1) -> Example:
+def pretrain_example(rng: random.Random, echo_weight: int = TinyModelConfig.echo_weight) -> Example:
     """One generic-skill example (never a task family's instruction); the answer opens with its tag."""
     skill = rng.choices(range(7), weights=(echo_weight, 1, 1, 1, 1, 1, 1))[0]
     header = rng.randrange(len(HEADERS))
-    pool = _content_tokens()
+    pool = WORDS  # every content word: numbers, letters, nouns, adjectives, code words
     n = rng.randint(1, 2)  # next / previous: one item, or each of two
     each = " of each" if n == 2 else ""
     if skill == 0:
@@ -158,7 +149,7 @@ def pretrain_example(rng: random.Random, echo_weight: int = 1) -> Example:
 
 def vocabulary_texts() -> list[str]:
     """Every text the tiny tokenizer must cover: probes, pretraining and all task families."""
-    texts = [*generic_probe_texts(), " ".join(_content_tokens())]
+    texts = [*generic_probe_texts(), " ".join(WORDS)]
     texts += [*PRETRAIN_INSTRUCTIONS, " ".join(SKILL_TAGS)]
     for fam in FAMILIES.values():
         for p in fam.params:
