@@ -1,9 +1,10 @@
 """Quality of a world's teacher zoo: accuracy, and how well teacher deltas cluster by family.
 
 ``measure_world(dir)`` computes, over the single-task teachers of the world, the silhouette score
-(cosine distance) of their Delta Activations on the generic probes (``llgbm_delta``) grouped by
-family, the same grouped by task, and the family silhouette of their flattened LoRA weights (A
-and B concatenated) for comparison.
+(cosine distance) of their Delta Activations on the generic probes grouped by family, the same
+grouped by task, and the family silhouette of their flattened LoRA weights (A and B concatenated)
+for comparison. Deltas come from the world's delta cache (``llgbm_worlds.deltas``), so a second
+call, or one after training, computes nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +22,26 @@ def silhouette_cosine(x: np.ndarray, labels: list[str]) -> float:
     """Mean silhouette of rows of ``x`` [n, d] under cosine distance; singletons count 0."""
     x = np.asarray(x, dtype=np.float64)
     x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
-    dist = 1.0 - x @ x.T  # [n, n]
+    return silhouette(1.0 - x @ x.T, labels)
+
+
+def cosine_distances_from_gram(gram: np.ndarray) -> np.ndarray:
+    """1 - cos between items whose inner products are ``gram`` [n, n] (e.g. delta-W Gram)."""
+    g = np.asarray(gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(g), 1e-24, None))
+    return 1.0 - g / np.outer(norms, norms)
+
+
+def silhouette(dist: np.ndarray, labels: list[str]) -> float:
+    """Mean silhouette of ``n`` items under the distance matrix ``dist`` [n, n]; singletons 0."""
+    dist = np.asarray(dist, dtype=np.float64)
     lab = np.asarray(labels)
     if len(set(labels)) < 2:
         raise ValueError("silhouette needs at least two labels")
+    if dist.shape != (len(lab), len(lab)):
+        raise ValueError(f"silhouette: distances {dist.shape} for {len(lab)} labels")
     scores = []
-    for i in range(len(x)):
+    for i in range(len(lab)):
         same = lab == lab[i]
         same[i] = False
         if not same.any():
@@ -56,17 +71,12 @@ def flat_weights(paths: list[Path]) -> np.ndarray:
 
 def measure_world(path: str | Path, *, device: str | None = None, progress: bool = False) -> dict:
     """Accuracy summary and family silhouettes (delta vs flattened weights) of a world."""
-    from llgbm_delta import compute_deltas, generic_probes
-
-    from llgbm_worlds.build import load_local_base
+    from llgbm_worlds.deltas import WorldDeltas
 
     w = World.load(path)
     fam = {t.name: t.family for t in w.tasks}
     teachers = [t for t in w.teachers if t.kind == "single"]
-    model, tok = load_local_base(Path(w.base_path), device)
-    deltas = compute_deltas(
-        (model, tok), [str(t.path) for t in teachers], generic_probes(), progress=progress
-    )
+    deltas = WorldDeltas(w, device=device, progress=progress).teachers(teachers).deltas
     labels = [fam[t.task] for t in teachers]
     out = dict(summary(w))
     out["n_teachers"] = len(teachers)
