@@ -11,12 +11,13 @@ lock makes concurrent callers wait for one build.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+
+from llgbm_flora.atomic import file_lock
 
 import llgbm_worlds
 
@@ -50,8 +51,7 @@ def test_world(root: str | Path | None = None, *, seed: int = 0) -> Path:
     root = Path(root) if root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
     out = root / f"llgbm-test-world-{code_key()}-s{seed}"
-    with open(root / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f".{out.name}.lock", what=f"test world {out}", timeout=None):
         if not (out / "world.json").is_file():
             build_world("tiny", out, preset="test", seed=seed, progress=False, threads=THREADS)
     return out
