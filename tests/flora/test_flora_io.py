@@ -133,6 +133,18 @@ def test_overwrite_is_clean(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CFG, ST]
 
 
+def test_save_refuses_a_folder_that_is_not_an_adapter(tmp_path):
+    from llgbm_flora.atomic import DirectoryNotOwnedError
+
+    model = MODEL_BUILDERS["llama"](seed=0)
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "victim" / "important.txt").write_text("keep me")
+    with pytest.raises(DirectoryNotOwnedError, match=r"victim: exists and was not written"):
+        save_adapter(random_adapter(tiny_spec(model), seed=1), tmp_path / "victim")
+    assert sorted(p.name for p in (tmp_path / "victim").iterdir()) == ["important.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]
+
+
 # ---- key mismatches: every kind raises and names what is wrong -------------------------------
 
 

@@ -16,13 +16,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import atomic
 from .errors import LoraFormatError, LoraKeyMismatchError
 from .spec import LoraAdapter, LoraKey, LoraSpec, module_order
 
@@ -108,7 +108,11 @@ def peft_config(spec: LoraSpec) -> dict[str, Any]:
 
 
 def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
-    """Write `adapter` as a PEFT LoRA directory at `path` (created or replaced atomically)."""
+    """Write `adapter` as a PEFT LoRA directory at `path` (created or replaced atomically).
+
+    An existing `path` is replaced only if it is a PEFT directory (holds adapter_config.json)
+    or empty; anything else raises `atomic.DirectoryNotOwnedError` and is left as it is.
+    """
     if not isinstance(adapter, LoraAdapter):
         raise LoraFormatError(
             f"save_adapter: expected a LoraAdapter, got {type(adapter).__name__} (save batch[i] each)"
@@ -119,18 +123,12 @@ def save_adapter(adapter: LoraAdapter, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = to_peft_state_dict(adapter)
     config = json.dumps(peft_config(adapter.spec), indent=2, sort_keys=True) + "\n"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = atomic.fresh_dir(path)
     try:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(config)
-        if path.exists():
-            # A directory cannot be replaced atomically by rename: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        # Replaces an existing adapter directory whole; any other folder at `path` is refused.
+        atomic.replace_dir(tmp, path, marker=CONFIG_NAME)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

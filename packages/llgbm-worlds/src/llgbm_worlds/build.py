@@ -9,6 +9,7 @@ the command).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shlex
@@ -23,6 +24,7 @@ import torch
 from llgbm_worlds.errors import BuildError, UnknownNameError
 from llgbm_worlds.families import FAMILIES, Example, TaskSpec, make_items
 from llgbm_worlds.io import (
+    DONE,
     fresh_tmp_dir,
     read_json,
     replace_dir,
@@ -124,8 +126,24 @@ def _command(kind: str, out: Path, preset: Preset, seed: int) -> str:
     return cmd
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than a world (it could be overwritten)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a directory; choose another --out")
+    ours = ("world.json", BUILD_STATE, f"base/{DONE}")  # files only a world build writes
+    if not any(out.iterdir()) or any((out / f).is_file() for f in ours):
+        return
+    raise BuildError(
+        f"{out}: exists and is not a world directory (no {', '.join(ours)}); "
+        "choose a new or empty --out"
+    )
+
+
 def _start(out: Path, kind: str, preset: Preset, seed: int) -> None:
     """Record what is being built; refuse to mix two different builds in one directory."""
+    check_out_dir(out)
     state = {"kind": kind, "preset": preset.name, "seed": seed, "init": preset.zoo.init}
     for f in (out / "world.json", out / BUILD_STATE):
         if f.is_file():
@@ -395,11 +413,23 @@ def _build_rest(out, kind, p, seed, progress, model, tok, base_sha, base_rel, ti
 
 
 def _remove_stale(out: Path, task_dirs: set[str]) -> None:
-    """Delete teacher directories of tasks the world no longer has (none after a clean build)."""
+    """Delete teacher runs of tasks the world no longer has (none after a clean build).
+
+    Only what the zoo wrote goes: finished runs (``split<d>`` carrying the :data:`DONE` marker)
+    and its own ``.split<d>.tmp`` leftovers; a task folder is removed once that leaves it empty,
+    so files someone else put there stay.
+    """
     root = out / "teachers"
     for d in root.iterdir() if root.is_dir() else ():
-        if d.is_dir() and d.name not in task_dirs:
-            shutil.rmtree(d)
+        if d.name in task_dirs or d.is_symlink() or not d.is_dir():
+            continue
+        for run in d.iterdir():
+            ours = run.name.startswith("split") and (run / DONE).is_file()
+            ours = ours or (run.name.startswith(".split") and run.name.endswith(".tmp"))
+            if ours and run.is_dir() and not run.is_symlink():
+                shutil.rmtree(run)
+        with contextlib.suppress(OSError):  # not empty: someone else's files stay
+            d.rmdir()
 
 
 def _build_smollm2(out: Path, p: Preset, seed: int, progress: bool, device, timings: dict) -> None:

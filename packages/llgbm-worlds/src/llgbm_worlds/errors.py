@@ -19,5 +19,9 @@ class ManifestError(WorldError):
     """A world.json or hf manifest is malformed or points at something missing."""
 
 
+class ChecksumError(WorldError):
+    """A world file no longer matches the sha256 its world.json records; the message names it."""
+
+
 class BuildError(WorldError):
     """A build step failed for an external reason (disk full, unwritable directory)."""

@@ -16,21 +16,26 @@ A manifest (JSON or YAML) lists the base and the tasks::
 Each jsonl row is ``{"prompt", "answer"}`` (a full prompt) or Alpaca-style
 ``{"instruction", "input", "output"}`` (formatted with :func:`format_prompt`).
 ``import_hf(manifest, out)`` copies the items into ``out/tasks`` and writes ``out/world.json``.
+
+Task names must be safe as one folder name (``tasks/<name>``). Relative paths must stay inside
+the manifest's folder; a base or adapter folder elsewhere is named by an absolute path, and
+world.json records it as one (prompt files are always copied, so they must lie inside).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from llgbm_worlds.build import finish
+from llgbm_flora.names import check_name, inside
+
+from llgbm_worlds.build import check_out_dir, finish
 from llgbm_worlds.errors import ManifestError
 from llgbm_worlds.frame import format_prompt
 from llgbm_worlds.io import read_jsonl, sha256_file, write_jsonl_atomic
 from llgbm_worlds.presets import Preset
-from llgbm_worlds.world import HELDOUT_KINDS, SPLITS
+from llgbm_worlds.world import HELDOUT_KINDS, SPLITS, is_hub_id, teacher_weights
 
 
 def _read_manifest(path: Path) -> dict:
@@ -73,6 +78,29 @@ def _rows(path: Path, where: str) -> list[dict]:
     return rows
 
 
+def _is_local(here: Path, ref: str) -> bool:
+    """A base given as a path (absolute, or relative to an existing folder) rather than an HF id."""
+    return Path(ref).is_absolute() or (here / ref).exists()
+
+
+def _folder(here: Path, ref: str, what: str) -> Path:
+    """A base or adapter folder: absolute (named explicitly), or inside the manifest's folder."""
+    if Path(ref).is_absolute():
+        return Path(ref).resolve()
+    try:
+        return inside(here, ref, what, error=ManifestError)
+    except ManifestError as e:
+        raise ManifestError(
+            f"{e}; name a folder outside the manifest's by an absolute path"
+        ) from None
+
+
+def _recorded(folder: Path, out: Path) -> str:
+    """How world.json names ``folder``: relative when inside the world, else absolute."""
+    folder, root = folder.resolve(), out.resolve()
+    return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+
+
 def import_hf(manifest: str | Path, out: str | Path) -> Path:
     """Write ``out/world.json`` for the base, tasks and adapters listed in ``manifest``."""
     manifest = Path(manifest)
@@ -82,14 +110,17 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
     base = d.get("base")
     if not isinstance(base, str) or not base:
         raise ManifestError(f"{manifest}: 'base' must be an HF model id or a model directory")
-    local = (here / base) if not Path(base).is_absolute() else Path(base)
-    if local.exists():
+    check_out_dir(out)
+    local = _folder(here, base, f"{manifest}: base") if _is_local(here, base) else None
+    if local is not None:
         if not (local / "config.json").is_file():
             raise ManifestError(f"{manifest}: base directory {local} has no config.json")
-        base_ref = os.path.relpath(local.resolve(), out.resolve())
+        base_ref = _recorded(local, out)
         base_sha = sha256_file(local / "config.json")
-    else:
+    elif is_hub_id(base):
         base_ref, base_sha = base, ""
+    else:
+        raise ManifestError(f"{manifest}: base {base!r} is neither a model directory nor an HF id")
     tasks_in = d.get("tasks")
     if not isinstance(tasks_in, list) or not tasks_in:
         raise ManifestError(f"{manifest}: 'tasks' must be a non-empty list")
@@ -100,7 +131,7 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
         where = f"{manifest}: tasks[{i}]"
         if not isinstance(t, dict) or not isinstance(t.get("name"), str):
             raise ManifestError(f"{where}: needs a 'name'")
-        name = t["name"]
+        name = check_name(t["name"], f"{where}: task name", error=ManifestError)
         where += f" ({name})"
         if name in names:
             raise ManifestError(f"{where}: duplicate task name")
@@ -115,7 +146,8 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
         for s in ("train", "test"):
             if s not in t:
                 raise ManifestError(f"{where}: missing '{s}' prompt file")
-            write_jsonl_atomic(out / rel / f"{s}.jsonl", _rows(here / t[s], where))
+            src = inside(here, t[s], f"{where}: {s} prompt file", error=ManifestError)
+            write_jsonl_atomic(out / rel / f"{s}.jsonl", _rows(src, where))
         tasks.append(
             {
                 "name": name,
@@ -135,11 +167,9 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
             p = te.get("path") if isinstance(te, dict) else te
             if not isinstance(p, str):
                 raise ManifestError(f"{tw}: needs a 'path'")
-            adir = here / p
-            weights = [adir / "adapter_model.safetensors", adir / "adapter_model.bin"]
-            if not (adir / "adapter_config.json").is_file() or not any(
-                w.is_file() for w in weights
-            ):
+            adir = _folder(here, p, f"{tw}: path")
+            weights = teacher_weights(adir)
+            if not (adir / "adapter_config.json").is_file() or weights is None:
                 raise ManifestError(
                     f"{tw}: adapter directory {adir} is missing or has no PEFT files"
                 )
@@ -147,12 +177,12 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
             teachers.append(
                 {
                     "task": name,
-                    "path": os.path.relpath(adir.resolve(), out.resolve()),
+                    "path": _recorded(adir, out),
                     "accuracy": te.get("accuracy"),
                     "step": int(te.get("step", 0)),
                     "data_split": int(te.get("data_split", j)),
                     "kind": te.get("kind", "single"),
-                    "sha256": sha256_file(next(w for w in weights if w.is_file())),
+                    "sha256": sha256_file(weights),
                 }
             )
     preset = Preset(

@@ -1,40 +1,36 @@
-"""Atomic file writes and content hashes used by every world builder.
+"""File writes and content hashes used by every world builder.
 
-A write goes to a temporary file in the same directory and is moved into place with
-``os.replace``, so a reader never sees half a file. A failing write (disk full, no permission)
-raises :class:`~llgbm_worlds.errors.BuildError` naming the path.
+The writes are :mod:`llgbm_flora.atomic`'s (a temporary file in the same directory moved into
+place with ``os.replace``, so a reader never sees half a file; directories swapped in whole);
+here they only turn a failing write (disk full, no permission) or a refused replacement into a
+:class:`~llgbm_worlds.errors.BuildError` naming the path. Every directory a build swaps in
+carries the marker :data:`DONE`; a directory without it is never replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llgbm_flora import atomic
+
 from llgbm_worlds.errors import BuildError
+
+DONE = ".done.json"  # marker of a finished directory the build wrote (base, teacher runs)
+
+
+def _cannot(path: Path, what: str, e: OSError) -> BuildError:
+    return BuildError(f"{path}: cannot {what} ({e.strerror or e})")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_bytes(path, data)
     except OSError as e:
-        raise BuildError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise _cannot(path, "write", e) from e
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -76,25 +72,21 @@ def dir_digest(path: Path) -> str:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` directory to ``final`` (replacing a stale one) atomically."""
+    """Swap the finished ``tmp`` in at ``final``; an old ``final`` must carry :data:`DONE`."""
     try:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic.replace_dir(tmp, final, marker=DONE)
+    except atomic.DirectoryNotOwnedError as e:
+        raise BuildError(str(e)) from None
     except OSError as e:
-        raise BuildError(f"{final}: cannot move finished directory into place ({e})") from e
+        raise _cannot(final, "move finished directory into place", e) from e
 
 
 def fresh_tmp_dir(final: Path) -> Path:
     """An empty ``.<name>.tmp`` directory beside ``final`` (a leftover from a kill is removed)."""
-    tmp = final.parent / f".{final.name}.tmp"
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        return atomic.fresh_dir(final)
     except OSError as e:
-        raise BuildError(f"{tmp}: cannot create build directory ({e.strerror or e})") from e
-    return tmp
+        raise _cannot(final.parent / f".{final.name}.tmp", "create build directory", e) from e
 
 
 def read_json(path: Path) -> Any:

@@ -11,12 +11,13 @@ lock makes concurrent callers wait for one build.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
+
+from llgbm_flora.atomic import file_lock
 
 import llgbm_worlds
 
@@ -52,8 +53,7 @@ def test_world(root: str | Path | None = None, *, seed: int = 0, preset: str = "
     root.mkdir(parents=True, exist_ok=True)
     suffix = "" if preset == "test" else f"-{preset}"
     out = root / f"llgbm-test-world-{code_key()}-s{seed}{suffix}"
-    with open(root / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root / f".{out.name}.lock", what=f"test world {out}", timeout=None):
         if not (out / "world.json").is_file():
             build_world("tiny", out, preset=preset, seed=seed, progress=False, threads=THREADS)
     return out

@@ -16,20 +16,34 @@ world.json (format ``llgbm-world/1``; paths are relative to DIR)::
      "content_hash": "..."}                            # over base weights, items and adapters
 
 Each jsonl row is ``{"prompt": ..., "answer": ...}``.
+
+A world may come from someone else, so ``World.load`` trusts none of it: ``kind`` must be a
+known one, task names must be safe as one path component (they become ``adapters/<task>``), and
+every relative path must resolve inside DIR. An hf world may name a base model or adapter folder
+outside DIR, but only explicitly, by an absolute path (``import_hf`` records them so); tiny and
+smollm2 worlds never reach outside. With ``verify=True`` (the default) each teacher's recorded
+sha256 is checked against its file, so an adapter changed after the build is named instead of
+trained on; the digests are cached in ``DIR/.sha256-cache.json`` by file identity (size, mtime,
+ctime, inode), so a reload costs a ``stat`` per file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llgbm_worlds.errors import ManifestError, WorldIncompleteError
+from llgbm_flora.names import check_name, inside
+
+from llgbm_worlds.errors import BuildError, ChecksumError, ManifestError, WorldIncompleteError
 from llgbm_worlds.families import Example
-from llgbm_worlds.io import read_jsonl
+from llgbm_worlds.io import read_jsonl, sha256_file, write_json_atomic
 
 FORMAT = "llgbm-world/1"
+WORLD_KINDS = ("tiny", "smollm2", "hf")  # tiny and smollm2 are built here, hf is imported
+DIGEST_CACHE = ".sha256-cache.json"  # teacher digests keyed by file identity (see verify)
 BUILD_STATE = ".build.json"  # written when a build starts; names the command that resumes it
 SPLITS = ("train", "heldout")
 HELDOUT_KINDS = (None, "variant", "family")
@@ -125,8 +139,11 @@ class World:
         return [t for t in self.teachers if t.task == task]
 
     @classmethod
-    def load(cls, root: str | Path) -> World:
-        """Read and validate ``root/world.json``; one clear line on anything missing."""
+    def load(cls, root: str | Path, *, verify: bool = True) -> World:
+        """Read and validate ``root/world.json``; one clear line on anything missing.
+
+        ``verify``: check every teacher file against its recorded sha256 (:meth:`verify`).
+        """
         root = Path(root)
         manifest = root / "world.json"
         if not manifest.is_file():
@@ -135,7 +152,58 @@ class World:
             d = json.loads(manifest.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ManifestError(f"{manifest}: not valid JSON ({e})") from None
-        return _parse(root, d)
+        world = _parse(root, d)
+        if verify:
+            world.verify()
+        return world
+
+    def verify(self) -> None:
+        """Raise :class:`ChecksumError` naming the first teacher file whose sha256 changed.
+
+        A digest is recomputed only when the file's size, mtime, ctime or inode differ from the
+        cached ones (ctime and inode cannot be set back by hand, and differ in a copied world, so
+        a cache shipped with a world vouches for nothing). The cache is best effort: a read-only
+        world is verified in full on every load.
+        """
+        cache_path = self.root / DIGEST_CACHE
+        try:
+            cache = json.loads(cache_path.read_text())
+            if not isinstance(cache, dict):
+                cache = {}
+        except (OSError, ValueError):
+            cache = {}
+        fresh: dict[str, Any] = {}
+        for t in self.teachers:
+            if not t.sha256:
+                continue  # an hf adapter imported without a digest: nothing to compare with
+            f = teacher_weights(t.path)
+            if f is None:
+                raise WorldIncompleteError(f"{t.path}: teacher of {t.task} has no adapter weights")
+            st = f.stat()
+            ident = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+            key = str(f)
+            old = cache.get(key)
+            if isinstance(old, dict) and old.get("id") == ident and old.get("sha256") == t.sha256:
+                fresh[key] = old
+                continue
+            if sha256_file(f) != t.sha256:
+                raise ChecksumError(
+                    f"{f}: teacher of {t.task} (step {t.step}) changed since the world was built "
+                    f"(sha256 differs from {self.root / 'world.json'}); restore it or rebuild "
+                    "the world"
+                )
+            fresh[key] = {"id": ident, "sha256": t.sha256}
+        if fresh != cache:
+            with contextlib.suppress(BuildError):  # a read-only world stays uncached
+                write_json_atomic(cache_path, fresh)
+
+
+def teacher_weights(adapter_dir: Path) -> Path | None:
+    """The weights file of a PEFT adapter directory (safetensors preferred), or None."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    return None
 
 
 def _missing_message(root: Path) -> str:
@@ -163,6 +231,39 @@ def _need(d: dict, key: str, where: str, types: type | tuple) -> Any:
     return v
 
 
+def _local_path(root: Path, rel: str, what: str, *, external: bool) -> Path:
+    """A path of world.json: inside ``root``, or (``external``: hf worlds) an absolute path."""
+    if external and Path(rel).is_absolute():
+        return Path(rel).resolve()
+    try:
+        return inside(root, rel, what, error=ManifestError)
+    except ManifestError as e:
+        hint = "; run import-hf again (it writes outside folders as absolute paths)"
+        raise ManifestError(f"{e}{hint if external else ''}") from None
+
+
+def _base(root: Path, base: str, kind: str, where: str) -> Path | str:
+    """The base model: a local directory, or for hf worlds also an HF hub id (``org/name``)."""
+    hf = kind == "hf"
+    if hf and not Path(base).is_absolute() and not (root / base).exists():
+        if not is_hub_id(base):
+            raise ManifestError(f"{where}: base {base!r} is neither a model directory nor an HF id")
+        return base
+    path = _local_path(root, base, f"{where}: base", external=hf)
+    if not (path / "config.json").is_file():
+        raise WorldIncompleteError(f"{where}: base model directory {path} has no config.json")
+    return path
+
+
+def is_hub_id(ref: str) -> bool:
+    """``name`` or ``org/name`` made of safe names (so it cannot be read as a path elsewhere)."""
+    parts = ref.split("/")
+    try:
+        return len(parts) <= 2 and all(check_name(p, "hub id") == p for p in parts)
+    except ValueError:
+        return False
+
+
 def _parse(root: Path, d: Any) -> World:
     where = str(root / "world.json")
     if not isinstance(d, dict):
@@ -171,14 +272,9 @@ def _parse(root: Path, d: Any) -> World:
     if fmt != FORMAT:
         raise ManifestError(f"{where}: format is {fmt!r}, expected {FORMAT!r}")
     kind = _need(d, "kind", where, str)
-    base = _need(d, "base", where, str)
-    base_path: Path | str = root / base
-    if kind == "hf" and not Path(base_path).exists():
-        base_path = base  # an HF hub id
-    elif not (Path(base_path) / "config.json").is_file():
-        raise WorldIncompleteError(f"{where}: base model directory {base_path} has no config.json")
-    else:
-        base_path = Path(base_path).resolve()
+    if kind not in WORLD_KINDS:
+        raise ManifestError(f"{where}: kind must be one of {', '.join(WORLD_KINDS)}, got {kind!r}")
+    base_path = _base(root, _need(d, "base", where, str), kind, where)
 
     tasks: list[TaskInfo] = []
     seen: set[str] = set()
@@ -186,7 +282,7 @@ def _parse(root: Path, d: Any) -> World:
         w = f"{where}: tasks[{i}]"
         if not isinstance(t, dict):
             raise ManifestError(f"{w}: must be an object")
-        name = _need(t, "name", w, str)
+        name = check_name(_need(t, "name", w, str), f"{w}: task name", error=ManifestError)
         if name in seen:
             raise ManifestError(f"{w}: duplicate task name {name!r}")
         seen.add(name)
@@ -198,7 +294,7 @@ def _parse(root: Path, d: Any) -> World:
             raise ManifestError(f"{w}: heldout_kind must be one of {HELDOUT_KINDS}, got {hk!r}")
         paths = {}
         for s in ("train", "test"):
-            p = root / _need(t, s, w, str)
+            p = inside(root, _need(t, s, w, str), f"{w} ({name}): {s} path", error=ManifestError)
             if not p.is_file():
                 raise WorldIncompleteError(f"{w} ({name}): {s} items file {p} is missing")
             paths[s] = p
@@ -225,7 +321,7 @@ def _parse(root: Path, d: Any) -> World:
         task = _need(t, "task", w, str)
         if task not in seen:
             raise ManifestError(f"{w}: task {task!r} is not among the world's tasks")
-        path = root / _need(t, "path", w, str)
+        path = _local_path(root, _need(t, "path", w, str), f"{w}: path", external=kind == "hf")
         if not (path / "adapter_config.json").is_file():
             raise WorldIncompleteError(f"{w}: adapter directory {path} is missing or incomplete")
         kind_t = t.get("kind", "single")
@@ -235,7 +331,7 @@ def _parse(root: Path, d: Any) -> World:
         teachers.append(
             TeacherInfo(
                 task=task,
-                path=path.resolve(),
+                path=path,
                 accuracy=float("nan") if acc is None else float(acc),
                 step=int(t.get("step", 0)),
                 data_split=int(t.get("data_split", 0)),
