@@ -8,7 +8,14 @@ out = functional_forward(model, adapter, input_ids=ids, attention_mask=mask)
 from .errors import LoraError, LoraFormatError, LoraKeyMismatchError
 from .functional import functional_forward
 from .mapping import check_fits, module_map
-from .peft_io import from_peft_state_dict, load_adapter, peft_key, save_adapter, to_peft_state_dict
+from .peft_io import (
+    from_peft_state_dict,
+    inspect_adapter,
+    load_adapter,
+    peft_key,
+    save_adapter,
+    to_peft_state_dict,
+)
 from .spec import STANDARD_MODULES, LoraAdapter, LoraBatch, LoraKey, LoraSpec
 
 __version__ = "0.1.0"
@@ -25,6 +32,7 @@ __all__ = [
     "check_fits",
     "from_peft_state_dict",
     "functional_forward",
+    "inspect_adapter",
     "load_adapter",
     "module_map",
     "peft_key",
