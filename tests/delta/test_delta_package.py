@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import shutil
 import subprocess
-import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from llgbm_flora.testing import dependency_names
 
 PKG = Path(__file__).resolve().parents[2] / "packages" / "llgbm-delta"
 FORBIDDEN = {"faiss", "faiss-cpu", "faiss-gpu", "streamlit", "sentence-transformers", "pyyaml"}
@@ -26,20 +24,10 @@ def _requirement_names(reqs: list[str]) -> set[str]:
 
 
 def test_imports_are_declared_dependencies():
-    declared = _requirement_names(
-        tomllib.loads((PKG / "pyproject.toml").read_text())["project"]["dependencies"]
-    )
-    imported = set()
-    for path in (PKG / "src" / "llgbm_delta").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                imported.add(node.module.split(".")[0])
-    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "llgbm_delta"}
-    dists = {DIST_OF.get(m, m).replace("_", "-") for m in third_party}
-    assert dists <= declared, f"imported but not declared: {sorted(dists - declared)}"
+    declared, imported = dependency_names(PKG, rename=DIST_OF)
+    assert imported <= declared, f"imported but not declared: {sorted(imported - declared)}"
     assert not declared & FORBIDDEN
+    assert {"torch", "numpy", "llgbm-flora"} <= imported
 
 
 @pytest.mark.slow

@@ -309,14 +309,14 @@ BAD = {
     "truncated safetensors": (_truncate, "corrupt or unreadable safetensors"),
     "garbage bin": (_bin_garbage, "corrupt or unreadable torch file"),
     "not lora": (_config_edit(peft_type="IA3"), "only LORA adapters are supported"),
-    "dora": (_config_edit(use_dora=True), "DoRA"),
     "bias": (_config_edit(bias="all"), "bias='all' is not supported"),
     "modules_to_save": (
         _config_edit(modules_to_save=["lm_head"]),
         "modules_to_save is not supported",
     ),
-    "rank_pattern": (_config_edit(rank_pattern={"q_proj": 8}), "rank_pattern"),
-    "alpha_pattern": (_config_edit(alpha_pattern={"q_proj": 8}), "alpha_pattern"),
+    "rank_pattern": (_config_edit(rank_pattern=[8]), "rank_pattern must be an object"),
+    "alpha_pattern": (_config_edit(alpha_pattern={"q_proj": "x"}), "alpha_pattern['q_proj']"),
+    "fan_in_fan_out": (_config_edit(fan_in_fan_out=True), "fan_in_fan_out is not supported"),
     "bad r": (_config_edit(r=0), "r must be a positive integer"),
     "bad targets": (_config_edit(target_modules=7), "target_modules"),
 }

@@ -25,7 +25,14 @@ from .algebra import (
 from .errors import LoraError, LoraFormatError, LoraKeyMismatchError
 from .functional import functional_forward
 from .mapping import check_fits, module_map
-from .peft_io import from_peft_state_dict, load_adapter, peft_key, save_adapter, to_peft_state_dict
+from .peft_io import (
+    from_peft_state_dict,
+    inspect_adapter,
+    load_adapter,
+    peft_key,
+    save_adapter,
+    to_peft_state_dict,
+)
 from .spec import STANDARD_MODULES, LoraAdapter, LoraBatch, LoraKey, LoraSpec
 
 __version__ = "0.1.0"
@@ -51,6 +58,7 @@ __all__ = [
     "functional_forward",
     "gram",
     "inner",
+    "inspect_adapter",
     "load_adapter",
     "mean",
     "module_map",

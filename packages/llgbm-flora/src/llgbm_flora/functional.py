@@ -5,7 +5,9 @@
 With a LoraBatch of n adapters and N input rows (N a multiple of n), adapter i covers rows
 [i*N/n, (i+1)*N/n). Forward hooks on the target nn.Linear modules add `scale * B_i (A_i x)` to
 their outputs with two bmm calls over `[n, rows_per_adapter * T, features]`: no dense delta-W is
-built and no parameter or buffer of the model changes. Modules fed the same tensor (q/k/v,
+built and no parameter or buffer of the model changes. Per-key ranks and scales (PEFT's
+rank_pattern / alpha_pattern) run through the same bmm's, zero-padded to the largest rank
+(`spec.uniform_rank`); DoRA rescales each output row by `m / ||W + scale B A||_row` as PEFT does. Modules fed the same tensor (q/k/v,
 gate/up) share one bmm against their concatenated A's. Hooks exist only during the call
 (try/finally), so the model is clean afterwards, also after an exception.
 """
@@ -22,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import LoraError
 from .mapping import Discovery, check_fits
-from .spec import LoraAdapter, LoraBatch, LoraKey, LoraSpec
+from .spec import LoraAdapter, LoraBatch, LoraKey, LoraSpec, uniform_rank
 
 __all__ = ["functional_forward"]
 
@@ -57,8 +59,9 @@ def functional_forward(
         spec = adapters.spec
         A = {k: v.unsqueeze(0) for k, v in adapters.A.items()}  # [1, r, in]
         B = {k: v.unsqueeze(0) for k, v in adapters.B.items()}  # [1, out, r]
+        M = _map(adapters.magnitude, lambda v: v.unsqueeze(0))  # [1, out]
     elif isinstance(adapters, LoraBatch):
-        spec, A, B = adapters.spec, adapters.A, adapters.B
+        spec, A, B, M = adapters.spec, adapters.A, adapters.B, adapters.magnitude
     else:
         raise LoraError(
             f"functional_forward: adapters must be LoraAdapter or LoraBatch, got {type(adapters).__name__}"
@@ -73,7 +76,7 @@ def functional_forward(
 
     use_ckpt = gradient_checkpointing and torch.is_grad_enabled()
     if adapter_chunk_size is None or adapter_chunk_size >= n:
-        return _forward(model, found, spec, A, B, use_ckpt, model_inputs)
+        return _forward(model, found, spec, A, B, M, use_ckpt, model_inputs)
     if adapter_chunk_size < 1:
         raise LoraError(
             f"functional_forward: adapter_chunk_size must be >= 1, got {adapter_chunk_size}"
@@ -85,7 +88,8 @@ def functional_forward(
         sub_inputs = _slice_rows(model_inputs, rows, a0 * per, a1 * per)
         sub_A = {k: v[a0:a1] for k, v in A.items()}
         sub_B = {k: v[a0:a1] for k, v in B.items()}
-        outs.append(_forward(model, found, spec, sub_A, sub_B, use_ckpt, sub_inputs))
+        sub_M = _map(M, lambda v, a0=a0, a1=a1: v[a0:a1])
+        outs.append(_forward(model, found, spec, sub_A, sub_B, sub_M, use_ckpt, sub_inputs))
     return _concat(outs)
 
 
@@ -161,16 +165,19 @@ def _concat(outs: list[Any]) -> Any:
 class _Prepared:
     """The adapter tensors of one forward, cast once to the activation dtype/device.
 
-    At[key]: [n, in, r]; Bt[key]: [n, r, out]; group_At[group]: [n, in, g*r] (concatenated A's).
+    At[key]: [n, in, r]; Bt[key]: [n, r, out]; group_At[group]: [n, in, g*r] (concatenated A's);
+    dora[key]: [n, 1, out] DoRA's per-row factor m / ||W + scale B A|| (DoRA only).
     Built before the forward so gradient-checkpoint recompute reuses them unchanged.
     """
 
-    def __init__(self, found: Discovery, spec: LoraSpec, A: dict, B: dict) -> None:
+    def __init__(
+        self, found: Discovery, spec: LoraSpec, A: dict, B: dict, M: dict | None = None
+    ) -> None:
         self.n = next(iter(A.values())).shape[0]
-        self.r = spec.rank
-        self.scale = spec.scale
+        self.r, self.scale, A, B = uniform_rank(spec, A, B)
         self.At: dict[LoraKey, Tensor] = {}
         self.Bt: dict[LoraKey, Tensor] = {}
+        self.dora: dict[LoraKey, Tensor] = {}
         self.group_of: dict[LoraKey, tuple[tuple[LoraKey, ...], int]] = {}
         self.group_At: dict[tuple[LoraKey, ...], Tensor] = {}
         targets = set(spec.target_modules)
@@ -192,6 +199,9 @@ class _Prepared:
             else:
                 self.At[key] = A[key].to(device=w.device, dtype=w.dtype).transpose(1, 2)
             self.Bt[key] = B[key].to(device=w.device, dtype=w.dtype).transpose(1, 2)
+            if M is not None:
+                factor = dora_factor(w, A[key], B[key], M[key], self.scale)  # [n, out]
+                self.dora[key] = factor.to(w.dtype).unsqueeze(1)  # [n, 1, out]
 
     def hooks(self, keys: list[LoraKey]) -> dict[LoraKey, Callable]:
         """One forward hook per key; keys of a shared-input group share a small state."""
@@ -209,6 +219,7 @@ class _Prepared:
         n, r, scale = self.n, self.r, self.scale
         At, Bt = self.At[key], self.Bt[key]
         group_At = self.group_At[group] if group else None
+        dora = self.dora.get(key)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             x = args[0] if args else kwargs["input"]
@@ -225,11 +236,48 @@ class _Prepared:
                 state["x"] = state["xa"] = None
                 xa = torch.bmm(x3, _as(At, x3))
             out3 = output.reshape(n, -1, output.shape[-1])  # [n, rows*T, out]
+            if dora is not None:
+                return _dora_output(module, out3, xa, _as(Bt, xa), scale, dora).view_as(output)
             if xa.dtype == out3.dtype:
                 return torch.baddbmm(out3, xa, _as(Bt, xa), alpha=scale).view_as(output)
             return (out3 + scale * torch.bmm(xa, _as(Bt, xa)).to(out3.dtype)).view_as(output)
 
         return hook
+
+
+def dora_factor(weight: Tensor, A: Tensor, B: Tensor, magnitude: Tensor, scale: float) -> Tensor:
+    """DoRA's per-row factor m / ||W + scale B_i A_i||, for n adapters at once. -> [n, out] fp32.
+
+    weight: [out, in]; A: [n, r, in]; B: [n, out, r]; magnitude: [n, out]. The squared row norm
+    is expanded as ||W||^2 + 2 s <W, B A> + s^2 ||B A||^2, so no [n, out, in] tensor is built.
+    Computed in float32 (float64 stays) and detached from the graph, as PEFT detaches the norm
+    (DoRA paper, section 4.3); gradients still reach the magnitude.
+    """
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    with torch.no_grad():
+        w = weight.to(dt)
+        a = A.detach().to(device=w.device, dtype=dt)
+        b = B.detach().to(device=w.device, dtype=dt)
+        wa = torch.matmul(w, a.transpose(1, 2))  # [n, out, r]
+        bg = torch.bmm(b, torch.bmm(a, a.transpose(1, 2)))  # [n, out, r]: B (A A^T)
+        sq = w.square().sum(1) + 2 * scale * (b * wa).sum(-1) + scale**2 * (bg * b).sum(-1)
+        norm = sq.clamp(min=0).sqrt()  # [n, out]
+    return magnitude.to(device=w.device, dtype=dt) / norm
+
+
+def _dora_output(
+    module: nn.Module, out3: Tensor, xa: Tensor, Bt: Tensor, scale: float, factor: Tensor
+) -> Tensor:
+    """factor * (W x + scale B A x) + bias from the base output W x + bias. [n, M, out]."""
+    bias = getattr(module, "bias", None)
+    lora = scale * torch.bmm(xa, Bt).to(out3.dtype)  # [n, M, out]
+    base = out3 if bias is None else out3 - bias
+    out = (base + lora) * _as(factor, out3)
+    return out if bias is None else out + bias
+
+
+def _map(tensors: dict | None, fn: Callable) -> dict | None:
+    return None if tensors is None else {k: fn(v) for k, v in tensors.items()}
 
 
 def _as(w: Tensor, like: Tensor) -> Tensor:
@@ -255,10 +303,11 @@ def _forward(
     spec: LoraSpec,
     A: dict,
     B: dict,
+    M: dict | None,
     use_ckpt: bool,
     inputs: dict[str, Any],
 ) -> Any:
-    prep = _Prepared(found, spec, A, B)
+    prep = _Prepared(found, spec, A, B, M)
     if not use_ckpt:
         with _hooks_installed(found, prep.hooks(spec.keys())):
             return model(**inputs)

@@ -31,14 +31,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import LoraError
-from .kernels import (
-    gemm_swiglu_lora,
-    gemm_swiglu_lora_supported,
-    swiglu_lora,
-    swiglu_lora_supported,
-)
+from .functional import dora_factor
 from .mapping import check_fits
-from .spec import LoraAdapter, LoraBatch
+from .spec import LoraAdapter, LoraBatch, uniform_rank
 
 __all__ = ["fused_hidden_states", "fused_unsupported"]
 
@@ -52,6 +47,18 @@ _GROUPS = (
 )
 _MODULES = tuple(m for _, group in _GROUPS for m in group)
 _compiled: dict[str, Callable] = {}
+# llgbm_flora.kernels (Triton), imported by the first call on a CUDA tensor, so that CPU users
+# never import Triton or register its custom op.
+_kernels = None
+
+
+def _load_kernels():
+    global _kernels
+    if _kernels is None:
+        from . import kernels
+
+        _kernels = kernels
+    return _kernels
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -231,11 +238,14 @@ class _Layout:
 
 def _mlp_kernel(h: Tensor, backbone: nn.Module, adapters) -> str | None:
     """Which Triton MLP kernel (forward only) applies: "gemm", "swiglu" or None (torch ops)."""
-    if adapters is None or not swiglu_lora_supported(h, adapters.spec.rank):
+    if adapters is None or not h.is_cuda or adapters.spec.use_dora:
         return None
-    r = adapters.spec.rank
+    k = _load_kernels()
+    r = adapters.spec.max_rank  # the rank every key is padded to (uniform_rank)
+    if not k.swiglu_lora_supported(h, r):
+        return None
     mlps = [layer.mlp for layer in backbone.layers]
-    if all(gemm_swiglu_lora_supported(h, m.gate_proj.weight, m.up_proj.weight, r) for m in mlps):
+    if all(k.gemm_swiglu_lora_supported(h, m.gate_proj.weight, m.up_proj.weight, r) for m in mlps):
         return "gemm"
     return "swiglu"
 
@@ -261,9 +271,11 @@ def _weights(layer: nn.Module) -> tuple:
 def _prepare(
     model: nn.Module, adapters: LoraAdapter | LoraBatch | None
 ) -> tuple[int, dict[int, tuple]]:
-    """Per layer: for each group, (A^T of its present modules concatenated, B^T per module or None).
+    """Per layer: for each group, (A^T of its present modules concatenated, B^T per module or
+    None, DoRA factor per module or None).
 
-    A^T: [n, in, g*r]; B^T: [n, r, out]; cast once to the weight dtype (differentiably).
+    A^T: [n, in, g*r]; B^T: [n, r, out]; DoRA factor: [n, 1, out]; cast once to the weight
+    dtype (differentiably). Per-key ranks and scales are padded to one rank (`uniform_rank`).
     """
     if adapters is None:
         return 1, {}
@@ -275,6 +287,8 @@ def _prepare(
         raise LoraError(f"fused_hidden_states: cannot apply LoRA to {', '.join(unknown)}")
     found = check_fits(model, spec)
     n = len(adapters)
+    r, scale, A, B = uniform_rank(spec, adapters.A, adapters.B)
+    M = adapters.magnitude
     lora: dict[int, tuple] = {}
     for i in spec.layers:
         groups = []
@@ -284,16 +298,28 @@ def _prepare(
                 groups.append(None)
                 continue
             w = found.modules[(i, present[0])].weight
-            At = torch.cat([adapters.A[(i, m)] for m in present], dim=1)  # [n, g*r, in]
+            At = torch.cat([A[(i, m)] for m in present], dim=1)  # [n, g*r, in]
             At = At.to(device=w.device, dtype=w.dtype).transpose(1, 2)  # [n, in, g*r]
             Bt = tuple(
-                adapters.B[(i, m)].to(device=w.device, dtype=w.dtype).transpose(1, 2)
+                B[(i, m)].to(device=w.device, dtype=w.dtype).transpose(1, 2)
                 if m in present
                 else None
                 for m in group
             )  # [n, r, out] each
-            groups.append((At, Bt))
-        lora[i] = (float(spec.scale), spec.rank, tuple(groups))
+            D = None
+            if M is not None:
+                D = tuple(
+                    dora_factor(
+                        found.modules[(i, m)].weight, A[(i, m)], B[(i, m)], M[(i, m)], scale
+                    )
+                    .to(w.dtype)
+                    .unsqueeze(1)
+                    if m in present
+                    else None
+                    for m in group
+                )  # [n, 1, out] each
+            groups.append((At, Bt, D))
+        lora[i] = (float(scale), r, tuple(groups))
     return n, lora
 
 
@@ -324,14 +350,20 @@ def _linears(
     outs = [F.linear(x, w, b) for w, b in weights]
     if group is None:
         return outs
-    At, Bts = group
+    At, Bts, Ds = group
     if xa is None:
         xa = torch.bmm(x, At)  # [n, M, g*r]
     j = 0
     for k, Bt in enumerate(Bts):
         if Bt is not None:
             xa_k = xa[..., j * r : (j + 1) * r]  # [n, M, r]
-            if inplace:
+            if Ds is not None:  # DoRA: factor * (W x + scale B A x) + bias
+                bias = weights[k][1]
+                base = outs[k] if bias is None else outs[k] - bias
+                outs[k] = (base + scale * torch.bmm(xa_k, Bt)) * Ds[k]
+                if bias is not None:
+                    outs[k] = outs[k] + bias
+            elif inplace:
                 outs[k] = outs[k].baddbmm_(xa_k, Bt, alpha=scale)
             else:
                 outs[k] = outs[k] + scale * torch.bmm(xa_k, Bt)
@@ -412,14 +444,14 @@ def _layer(
 
     x = _rms_norm(h, ln2, eps2)
     gu = groups[2]
-    if mlp_kernel and gu is not None and all(b is not None for b in gu[1]):
+    if mlp_kernel and gu is not None and all(b is not None for b in gu[1]) and gu[2] is None:
         (wg, bg), (wu, bu) = lin[4:6]
         xa = torch.bmm(x, gu[0])  # [n, S, 2r]
         if mlp_kernel == "gemm" and bg is None and bu is None:
-            m = gemm_swiglu_lora(x, wg, wu, xa, gu[1][0], gu[1][1], scale)
+            m = _kernels.gemm_swiglu_lora(x, wg, wu, xa, gu[1][0], gu[1][1], scale)
         else:
             g, u = _linears(x, lin[4:6], None, **kw)
-            m = swiglu_lora(g, u, xa, gu[1][0], gu[1][1], scale)
+            m = _kernels.swiglu_lora(g, u, xa, gu[1][0], gu[1][1], scale)
     else:
         g, u = _linears(x, lin[4:6], gu, **kw)
         m = F.silu(g) * u
@@ -443,14 +475,14 @@ def _first(group: tuple | None) -> tuple | None:
     """The group restricted to its first module (q of q/k/v)."""
     if group is None or group[1][0] is None:
         return None
-    return (group[0], group[1][:1])
+    return (group[0], group[1][:1], None if group[2] is None else group[2][:1])
 
 
 def _drop_first(group: tuple | None) -> tuple | None:
     """The group without its first module (k/v of q/k/v); A^T columns are sliced by `_cols`."""
     if group is None or all(b is None for b in group[1][1:]):
         return None
-    return (group[0], group[1][1:])
+    return (group[0], group[1][1:], None if group[2] is None else group[2][1:])
 
 
 def _cols(xa: Tensor | None, r: int, skip: int) -> Tensor | None:

@@ -6,7 +6,12 @@
 PEFT names a tensor `base_model.model.<module path>.lora_A.weight` on disk (in memory with the
 adapter name: `...lora_A.default.weight`); both forms are read. Every (layer, module) pair that
 the config implies must be present and every key must map to one, or LoraKeyMismatchError lists
-what is missing and extra. PEFT features this package does not implement raise, never ignored.
+what is missing and extra. Read and written besides plain LoRA: `layers_to_transform`, rsLoRA,
+`rank_pattern` / `alpha_pattern` (resolved per key with PEFT's matching rule; each key's rank
+must agree with its tensors) and DoRA (`use_dora`, the `lora_magnitude_vector` tensors). PEFT
+features this package does not implement raise, never ignored.
+
+    spec = inspect_adapter("teachers/add_3")       # structure from the config and the file header
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from . import atomic
 from .errors import LoraFormatError, LoraKeyMismatchError
 from .spec import LoraAdapter, LoraKey, LoraSpec, module_order
 
-__all__ = ["from_peft_state_dict", "load_adapter", "peft_key", "save_adapter", "to_peft_state_dict"]
+__all__ = [
+    "from_peft_state_dict",
+    "inspect_adapter",
+    "load_adapter",
+    "peft_key",
+    "save_adapter",
+    "to_peft_state_dict",
+]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -35,7 +47,8 @@ _PEFT_PREFIX = "base_model.model."
 
 _KEY_RE = re.compile(
     r"^(?:base_model\.model\.)?(?P<pre>(?:.*\.)?layers)\.(?P<layer>\d+)\.(?P<sub>(?:.*\.)?)"
-    r"(?P<mod>[^.]+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
+    r"(?P<mod>[^.]+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight"
+    r"|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?)$"
 )
 
 # Where the common decoder families keep their projections, for specs built by hand (no model,
@@ -49,10 +62,7 @@ _DEFAULT_PATHS = {
 
 # Config fields whose non-empty / true value changes what the adapter computes.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save",
-    "rank_pattern": "per-module ranks (rank_pattern)",
-    "alpha_pattern": "per-module alphas (alpha_pattern)",
     "fan_in_fan_out": "fan_in_fan_out",
     "lora_bias": "lora_bias",
     "layer_replication": "layer_replication",
@@ -61,14 +71,21 @@ _UNSUPPORTED = {
 }
 
 
-def peft_key(spec: LoraSpec, key: LoraKey, which: str) -> str:
-    """The on-disk PEFT name of A or B (`which` = "A" | "B") for one key of `spec`."""
+def _module_path(spec: LoraSpec, key: LoraKey) -> str:
+    """The module's name inside the CausalLM, e.g. `model.layers.3.self_attn.q_proj`."""
     template = spec.path_template(key[1]) or _DEFAULT_PATHS.get(key[1])
     if template is None:
         raise LoraFormatError(
             f"no module path known for {key[1]!r}: build the spec with LoraSpec.for_model(model, ...)"
         )
-    return f"{_PEFT_PREFIX}{template.format(layer=key[0])}.lora_{which}.weight"
+    return template.format(layer=key[0])
+
+
+def peft_key(spec: LoraSpec, key: LoraKey, which: str) -> str:
+    """The on-disk PEFT name of A, B or DoRA's magnitude (`which` = "A" | "B" | "M") of a key."""
+    if which == "M":
+        return f"{_PEFT_PREFIX}{_module_path(spec, key)}.lora_magnitude_vector"
+    return f"{_PEFT_PREFIX}{_module_path(spec, key)}.lora_{which}.weight"
 
 
 def to_peft_state_dict(adapter: LoraAdapter) -> dict[str, Tensor]:
@@ -78,13 +95,23 @@ def to_peft_state_dict(adapter: LoraAdapter) -> dict[str, Tensor]:
     for key in keys:
         out[peft_key(adapter.spec, key, "A")] = adapter.A[key].detach().cpu().clone().contiguous()
         out[peft_key(adapter.spec, key, "B")] = adapter.B[key].detach().cpu().clone().contiguous()
+        if adapter.magnitude is not None:
+            m = adapter.magnitude[key].detach().cpu().clone().contiguous()
+            out[peft_key(adapter.spec, key, "M")] = m
     return out
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def peft_config(spec: LoraSpec) -> dict[str, Any]:
     """The adapter_config.json contents PEFT needs to rebuild this adapter."""
     all_layers = spec.model_layers is not None and spec.layers == tuple(range(spec.model_layers))
-    alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    alpha = _number(spec.alpha)
+    # PEFT matches pattern keys as regexes against module names: escaped full names match one.
+    rank_pattern = {re.escape(_module_path(spec, k)): r for k, r in spec.rank_pattern}
+    alpha_pattern = {re.escape(_module_path(spec, k)): _number(a) for k, a in spec.alpha_pattern}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -99,9 +126,9 @@ def peft_config(spec: LoraSpec) -> dict[str, Any]:
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "use_dora": spec.use_dora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "layers_to_transform": None if all_layers else list(spec.layers),
         "layers_pattern": None if all_layers else "layers",
     }
@@ -140,6 +167,21 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
     With `model`, also check the adapter fits it (check_fits), and that an adapter saved
     without `layers_to_transform` covers every decoder layer.
     """
+    return _load(path, model, meta=False)
+
+
+def inspect_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = None) -> LoraSpec:
+    """The LoraSpec of a PEFT LoRA directory, from its config and the safetensors header only.
+
+    Every check `load_adapter` makes on names, ranks and shapes (and with `model`, check_fits),
+    without reading the tensor data: milliseconds per adapter, so a whole zoo can be validated
+    before any model is loaded. `model` may live on the meta device. Damaged tensor bytes past
+    an intact header are only found by `load_adapter`.
+    """
+    return _load(path, model, meta=True).spec
+
+
+def _load(path: str | os.PathLike, model: torch.nn.Module | None, meta: bool) -> LoraAdapter:
     path = Path(path)
     if not path.is_dir():
         raise LoraFormatError(f"{path}: not a PEFT adapter directory (does not exist or is a file)")
@@ -152,7 +194,7 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
         raise LoraFormatError(f"{config_file}: unreadable JSON ({exc})") from None
     if not isinstance(config, dict):
         raise LoraFormatError(f"{config_file}: expected a JSON object")
-    state, weights_file = _read_weights(path)
+    state, weights_file = _read_weights(path, meta)
     adapter = from_peft_state_dict(
         state, config, where=str(weights_file), config_where=str(config_file)
     )
@@ -164,12 +206,16 @@ def load_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = Non
     return adapter
 
 
-def _read_weights(path: Path) -> tuple[dict[str, Tensor], Path]:
+def _read_weights(path: Path, meta: bool = False) -> tuple[dict[str, Tensor], Path]:
+    """Tensors of an adapter (CPU), or with `meta` empty tensors of the stored shapes and dtypes
+    read from the safetensors header (a .bin file has no header: it is loaded)."""
     st, pt = path / SAFETENSORS_NAME, path / BIN_NAME
     if st.is_file():
         from safetensors.torch import load_file
 
         try:
+            if meta:
+                return _header_tensors(st), st
             return load_file(str(st), device="cpu"), st
         except Exception as exc:  # safetensors raises several types for damaged files
             raise LoraFormatError(
@@ -186,6 +232,35 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], Path]:
             raise LoraFormatError(f"{pt}: expected a dict of tensors")
         return state, pt
     raise LoraFormatError(f"{path}: no {SAFETENSORS_NAME} or {BIN_NAME} (adapter weights missing)")
+
+
+def _header_tensors(path: Path) -> dict[str, Tensor]:
+    """Meta tensors with the names, shapes and dtypes a safetensors header declares."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            sl = f.get_slice(name)
+            dtype = _ST_DTYPES.get(sl.get_dtype())
+            if dtype is None:
+                raise ValueError(f"tensor {name}: dtype {sl.get_dtype()} is not supported")
+            out[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    return out
+
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -230,6 +305,22 @@ def _config_values(config: dict[str, Any], where: str) -> dict[str, Any]:
         raise LoraFormatError(
             f"{where}: layers_to_transform must be a list of layer indices, got {layers!r}"
         )
+    patterns = {}
+    for name, kind in (("rank_pattern", "a positive int"), ("alpha_pattern", "a number")):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict):
+            raise LoraFormatError(f"{where}: {name} must be an object, got {pattern!r}")
+        for k, v in pattern.items():
+            bad = isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            if name == "rank_pattern":
+                bad = bad or not isinstance(v, int) or v <= 0
+            if not isinstance(k, str) or bad:
+                raise LoraFormatError(f"{where}: {name}[{k!r}] must be {kind}, got {v!r}")
+            try:
+                re.compile(k)
+            except re.error as exc:
+                raise LoraFormatError(f"{where}: {name} key {k!r} is not a regex ({exc})") from None
+        patterns[name] = pattern
     return {
         "r": r,
         "alpha": alpha,
@@ -237,7 +328,17 @@ def _config_values(config: dict[str, Any], where: str) -> dict[str, Any]:
         "targets": targets,
         "layers": layers,
         "base_model": config.get("base_model_name_or_path") or "",
+        "use_dora": bool(config.get("use_dora", False)),
+        **patterns,
     }
+
+
+def _pattern_value(pattern: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern key k (in order) with `(.*\\.)?(k)$` matching the name."""
+    for k, v in pattern.items():
+        if re.match(rf"(.*\.)?({k})$", module_path):
+            return v
+    return default
 
 
 def from_peft_state_dict(
@@ -267,10 +368,14 @@ def from_peft_state_dict(
         if cfg["layers"] is not None and key[0] not in cfg["layers"]:
             extra.append(name)
             continue
-        if (key, m["ab"]) in tensors:
+        which = m["ab"] or "M"  # M: DoRA's lora_magnitude_vector
+        if which == "M" and not cfg["use_dora"]:
+            extra.append(name)  # magnitude vectors belong to a DoRA config
+            continue
+        if (key, which) in tensors:
             extra.append(name)  # the same tensor under a second name (e.g. two adapter names)
             continue
-        tensors[(key, m["ab"])] = value
+        tensors[(key, which)] = value
         templates.setdefault(m["mod"], set()).add(f"{m['pre']}.{{layer}}.{m['sub']}{m['mod']}")
     modules = sorted(
         targets if targets is not None else {k[1] for k, _ in tensors}, key=module_order
@@ -281,11 +386,14 @@ def from_peft_state_dict(
     else:  # all layers of the model: any gap below the highest layer seen is missing
         layers = list(range(found_layers[-1] + 1)) if found_layers else []
     missing = []
+    parts = "ABM" if cfg["use_dora"] else "AB"
+    names = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
     for i in layers:
         for m in modules:
-            absent = [ab for ab in "AB" if ((i, m), ab) not in tensors]
+            absent = [ab for ab in parts if ((i, m), ab) not in tensors]
             if absent:
-                missing.append(f"{(i, m)}" + ("" if len(absent) == 2 else f".lora_{absent[0]}"))
+                whole = len(absent) == len(parts)
+                missing.append(f"{(i, m)}" + ("" if whole else f".{names[absent[0]]}"))
     if missing or extra or not tensors:
         if not tensors and not missing:
             missing = [
@@ -297,15 +405,31 @@ def from_peft_state_dict(
             raise LoraKeyMismatchError(where, extra=[f"{mod} at several paths: {sorted(paths)}"])
 
     r = cfg["r"]
+    paths = {mod: next(iter(templates[mod])) for mod in modules}
+    ranks: dict[LoraKey, int] = {}
+    alphas: dict[LoraKey, float] = {}
     errors: list[str] = []
     dims: dict[str, set[tuple[int, int]]] = {}
     for i in layers:
         for mod in modules:
-            a, b = tensors[((i, mod), "A")], tensors[((i, mod), "B")]
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-                errors.append(f"{(i, mod)} lora_A {tuple(a.shape)} lora_B {tuple(b.shape)} (r={r})")
-            else:
-                dims.setdefault(mod, set()).add((a.shape[1], b.shape[0]))
+            key = (i, mod)
+            module_path = paths[mod].format(layer=i)
+            r_k = _pattern_value(cfg["rank_pattern"], module_path, r)
+            alphas[key] = _pattern_value(cfg["alpha_pattern"], module_path, cfg["alpha"])
+            ranks[key] = r_k
+            a, b = tensors[(key, "A")], tensors[(key, "B")]
+            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r_k or b.shape[1] != r_k:
+                via = "" if r_k == r else " via rank_pattern"
+                errors.append(
+                    f"{key} lora_A {tuple(a.shape)} lora_B {tuple(b.shape)} (r={r_k}{via})"
+                )
+                continue
+            dims.setdefault(mod, set()).add((a.shape[1], b.shape[0]))
+            if cfg["use_dora"] and tuple(tensors[(key, "M")].shape) != (b.shape[0],):
+                errors.append(
+                    f"{key} lora_magnitude_vector {tuple(tensors[(key, 'M')].shape)} "
+                    f"!= ({b.shape[0]},)"
+                )
     errors += [
         f"{mod} shapes differ across layers: {sorted(d)}" for mod, d in dims.items() if len(d) > 1
     ]
@@ -319,10 +443,14 @@ def from_peft_state_dict(
         alpha=cfg["alpha"],
         use_rslora=cfg["use_rslora"],
         shapes=tuple((mod, *next(iter(dims[mod]))) for mod in modules),
-        module_paths=tuple((mod, next(iter(templates[mod]))) for mod in modules),
+        module_paths=tuple(paths.items()),
         model_layers=len(layers) if cfg["layers"] is None else None,
+        rank_pattern=tuple(ranks.items()),
+        alpha_pattern=tuple(alphas.items()),
+        use_dora=cfg["use_dora"],
     )
     keys = spec.keys()
+    magnitude = {k: tensors[(k, "M")] for k in keys} if cfg["use_dora"] else None
     return LoraAdapter(
-        spec, {k: tensors[(k, "A")] for k in keys}, {k: tensors[(k, "B")] for k in keys}
+        spec, {k: tensors[(k, "A")] for k in keys}, {k: tensors[(k, "B")] for k in keys}, magnitude
     )

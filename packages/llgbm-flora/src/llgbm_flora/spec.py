@@ -4,6 +4,12 @@ A LoRA adds `scale * B (A x)` to a linear layer's output, with A `[r, in]`, B `[
 `scale = alpha / r` (`alpha / sqrt(r)` with rsLoRA). Tensors are keyed by `(layer, module)`,
 e.g. `(3, "q_proj")`, which does not depend on whether a CausalLM or its backbone is used.
 
+Two PEFT extensions are part of the structure, both off by default (a plain adapter has neither):
+- per-key ranks and alphas (PEFT's `rank_pattern` / `alpha_pattern`, resolved to keys): key k
+  has rank `spec.rank_of(k)` and scale `spec.scale_of(k)`;
+- DoRA (`use_dora`): each key also has a magnitude vector m `[out]`, and the layer computes
+  `m / ||W + scale B A||_row * (W x + scale B A x) + bias` (the norm over each output row).
+
     spec = LoraSpec.for_model(model, rank=8, alpha=16, target_modules=("q_proj", "v_proj"))
     batch = LoraBatch(spec, A={k: ... [n, r, in]}, B={k: ... [n, out, r]})
     batch[0]  # -> LoraAdapter
@@ -12,7 +18,7 @@ e.g. `(3, "q_proj")`, which does not depend on whether a CausalLM or its backbon
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +61,12 @@ class LoraSpec:
     # Number of decoder layers of the base model, if known: lets save_adapter omit
     # `layers_to_transform` when every layer is covered. Metadata, not part of equality.
     model_layers: int | None = field(default=None, compare=False)
+    # Keys whose rank / alpha differ from `rank` / `alpha` (PEFT's rank_pattern / alpha_pattern,
+    # resolved per key): ((layer, module), value) pairs, sorted; empty for a uniform adapter.
+    rank_pattern: tuple[tuple[LoraKey, int], ...] = ()
+    alpha_pattern: tuple[tuple[LoraKey, float], ...] = ()
+    # DoRA: every key carries a magnitude vector [out] (weight-decomposed LoRA).
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -105,11 +117,75 @@ class LoraSpec:
             raise LoraError(
                 f"LoraSpec.model_layers={self.model_layers!r} does not cover layers {layers}"
             )
+        object.__setattr__(self, "use_dora", bool(self.use_dora))
+        object.__setattr__(self, "rank_pattern", self._pattern("rank_pattern", self.rank))
+        object.__setattr__(self, "alpha_pattern", self._pattern("alpha_pattern", self.alpha))
+
+    def _pattern(self, name: str, default: int | float) -> tuple:
+        """Validate and normalise a per-key pattern: known keys, sorted, defaults dropped."""
+        raw = getattr(self, name)
+        items = raw.items() if isinstance(raw, dict) else raw
+        known = set(self.keys())
+        out = {}
+        for key, value in items:
+            key = (int(key[0]), str(key[1]))
+            if key not in known:
+                raise LoraError(f"LoraSpec.{name}: key {key} is not one of the adapter's keys")
+            if name == "rank_pattern":
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise LoraError(f"LoraSpec.{name}[{key}] must be a positive int, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise LoraError(f"LoraSpec.{name}[{key}] must be a number, got {value!r}")
+            elif not math.isfinite(value):
+                raise LoraError(f"LoraSpec.{name}[{key}] must be finite, got {value!r}")
+            else:
+                value = float(value)
+            if key in out:
+                raise LoraError(f"LoraSpec.{name} lists key {key} twice")
+            out[key] = value
+        return tuple(sorted((k, v) for k, v in out.items() if v != default))
+
+    def __repr__(self) -> str:
+        # The dataclass repr, with the PEFT extensions shown only when used.
+        names = [f.name for f in fields(self) if f.repr]
+        extensions = ("rank_pattern", "alpha_pattern", "use_dora")
+        shown = [n for n in names if n not in extensions or getattr(self, n)]
+        return f"LoraSpec({', '.join(f'{n}={getattr(self, n)!r}' for n in shown)})"
 
     @property
     def scale(self) -> float:
-        """The LoRA scaling PEFT uses: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        """The LoRA scaling PEFT uses: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+        Of every key when the spec is uniform; with patterns, of the keys not in them
+        (`scale_of(key)` for any key)."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @property
+    def uniform(self) -> bool:
+        """True when every key has rank `rank` and scale `scale` (no rank/alpha pattern)."""
+        return not self.rank_pattern and not self.alpha_pattern
+
+    def rank_of(self, key: LoraKey) -> int:
+        """The rank of one key (`rank` unless rank_pattern says otherwise)."""
+        return dict(self.rank_pattern).get(key, self.rank) if self.rank_pattern else self.rank
+
+    def alpha_of(self, key: LoraKey) -> float:
+        """The alpha of one key (`alpha` unless alpha_pattern says otherwise)."""
+        return dict(self.alpha_pattern).get(key, self.alpha) if self.alpha_pattern else self.alpha
+
+    def scale_of(self, key: LoraKey) -> float:
+        """The scaling of one key: alpha_of / rank_of (square root of the rank with rsLoRA)."""
+        if self.uniform:
+            return self.scale
+        r = self.rank_of(key)
+        return self.alpha_of(key) / (math.sqrt(r) if self.use_rslora else r)
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank of any key (`rank` for a uniform spec)."""
+        return (
+            max([self.rank, *(r for _, r in self.rank_pattern)]) if self.rank_pattern else self.rank
+        )
 
     def keys(self) -> list[LoraKey]:
         """Every (layer, module) pair: layer-major, then `target_modules` order."""
@@ -124,8 +200,15 @@ class LoraSpec:
         raise LoraError(f"LoraSpec.in_out: no shape for module {module!r} ({known})")
 
     def num_params(self) -> int:
-        """Number of LoRA parameters of one adapter (A and B of every key)."""
-        return sum(self.rank * (i + o) for _, i, o in self.shapes) * len(self.layers)
+        """Number of parameters of one adapter (A and B of every key, DoRA magnitudes too)."""
+        if self.uniform and not self.use_dora:
+            return sum(self.rank * (i + o) for _, i, o in self.shapes) * len(self.layers)
+        shapes = {m: (i, o) for m, i, o in self.shapes}
+        total = 0
+        for key in self.keys():
+            i, o = shapes[key[1]]
+            total += self.rank_of(key) * (i + o) + (o if self.use_dora else 0)
+        return total
 
     def path_template(self, module: str) -> str | None:
         """The PEFT path template of a module, or None if the spec does not record one."""
@@ -133,13 +216,17 @@ class LoraSpec:
 
     def compatible(self, other: LoraSpec) -> bool:
         """Same structure and scale (base_model and naming may differ): can share a LoraBatch."""
-        return (
-            self.target_modules == other.target_modules
-            and self.layers == other.layers
-            and self.rank == other.rank
-            and self.scale == other.scale
-            and self.shapes == other.shapes
-        )
+        return self.structure == other.structure
+
+    @property
+    def structure(self) -> tuple:
+        """What adapters must share to be stacked into one LoraBatch, as a hashable value:
+        modules, layers, rank, scale and shapes, plus per-key ranks and scales and DoRA when used."""
+        plain = (self.target_modules, self.layers, self.rank, self.scale, self.shapes)
+        if self.uniform and not self.use_dora:
+            return plain
+        scales = tuple((k, self.scale_of(k)) for k in self.keys())
+        return (*plain, self.rank_pattern, scales, self.use_dora)
 
     def replace(self, **changes: object) -> LoraSpec:
         """A copy with some fields changed (validated again)."""
@@ -153,6 +240,9 @@ class LoraSpec:
             "shapes": self.shapes,
             "module_paths": self.module_paths,
             "model_layers": self.model_layers,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "use_dora": self.use_dora,
         }
         unknown = set(changes) - set(fields)
         if unknown:
@@ -223,21 +313,33 @@ class LoraSpec:
 
 
 def _check_tensors(
-    spec: LoraSpec, A: dict, B: dict, lead: tuple[int, ...] | None, where: str
+    spec: LoraSpec,
+    A: dict,
+    B: dict,
+    lead: tuple[int, ...] | None,
+    where: str,
+    magnitude: dict | None = None,
 ) -> int | None:
-    """Validate A/B keys and shapes against `spec`; returns the shared leading (batch) size."""
+    """Validate A/B (and DoRA magnitude) keys and shapes against `spec`; returns the batch size."""
     want = set(spec.keys())
     missing = sorted((want - set(A)) | (want - set(B)))
     extra = sorted((set(A) - want) | (set(B) - want), key=str)
+    if spec.use_dora:
+        if magnitude is None:
+            raise LoraError(f"{where}: a DoRA spec (use_dora) needs magnitude vectors")
+        missing = sorted(set(missing) | (want - set(magnitude)))
+        extra = sorted(set(extra) | (set(magnitude) - want), key=str)
+    elif magnitude is not None:
+        raise LoraError(f"{where}: magnitude vectors given, but the spec is not DoRA (use_dora)")
     if missing or extra:
         raise LoraKeyMismatchError(where, missing=missing, extra=extra)
     shapes = dict((m, (i, o)) for m, i, o in spec.shapes)
     errors: list[str] = []
     n_seen: set[int] = set()
-    r = spec.rank
     keys = spec.keys()
     for key in keys:
         a, b = A[key], B[key]
+        r = spec.rank_of(key)
         if not isinstance(a, Tensor) or not isinstance(b, Tensor):
             raise LoraError(f"{where}: A/B of {key} must be tensors")
         extra_dims = a.dim() - 2
@@ -256,6 +358,13 @@ def _check_tensors(
             errors.append(f"{key} A{tuple(a.shape)} B{tuple(b.shape)} rank != {r}")
         elif io is not None and (a.shape[-1] != io[0] or b.shape[-2] != io[1]):
             errors.append(f"{key} A{tuple(a.shape)} B{tuple(b.shape)} != in/out {io}")
+        if magnitude is not None:
+            m = magnitude[key]
+            if not isinstance(m, Tensor):
+                raise LoraError(f"{where}: magnitude of {key} must be a tensor")
+            want_shape = (b.shape[-2],) if lead == () else (b.shape[0], b.shape[-2])
+            if tuple(m.shape) != want_shape:
+                errors.append(f"{key} magnitude {tuple(m.shape)} != {want_shape}")
     if len(n_seen) > 1:
         errors.append(f"adapter counts differ across tensors: {sorted(n_seen)}")
     if errors:
@@ -265,14 +374,18 @@ def _check_tensors(
 
 @dataclass
 class LoraAdapter:
-    """One adapter: A `[r, in]` and B `[out, r]` per (layer, module) key of `spec`."""
+    """One adapter: A `[r, in]` and B `[out, r]` per (layer, module) key of `spec`.
+
+    `magnitude`: DoRA's magnitude vector `[out]` per key, present exactly when `spec.use_dora`.
+    """
 
     spec: LoraSpec
     A: dict[LoraKey, Tensor]  # [r, in]
     B: dict[LoraKey, Tensor]  # [out, r]
+    magnitude: dict[LoraKey, Tensor] | None = None  # [out], DoRA only
 
     def __post_init__(self) -> None:
-        _check_tensors(self.spec, self.A, self.B, (), "LoraAdapter")
+        _check_tensors(self.spec, self.A, self.B, (), "LoraAdapter", self.magnitude)
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -282,23 +395,33 @@ class LoraAdapter:
             self.spec,
             {k: v.to(device=device, dtype=dtype) for k, v in self.A.items()},
             {k: v.to(device=device, dtype=dtype) for k, v in self.B.items()},
+            _map(self.magnitude, lambda v: v.to(device=device, dtype=dtype)),
         )
 
     def delta_weight(self, key: LoraKey) -> Tensor:
         """The dense update `scale * B @ A` `[out, in]` of one key (for merging/inspection)."""
-        return self.spec.scale * (self.B[key] @ self.A[key])
+        if self.spec.use_dora:
+            raise LoraError(
+                "delta_weight: a DoRA adapter's update depends on the base weight "
+                "(m / ||W + sBA|| (W + sBA) - W); it has no base-independent delta-W"
+            )
+        return self.spec.scale_of(key) * (self.B[key] @ self.A[key])
 
 
 @dataclass
 class LoraBatch:
-    """n adapters sharing one spec, stacked: A `[n, r, in]`, B `[n, out, r]` per key."""
+    """n adapters sharing one spec, stacked: A `[n, r, in]`, B `[n, out, r]` per key.
+
+    `magnitude`: DoRA's magnitude vectors `[n, out]` per key, present exactly when `spec.use_dora`.
+    """
 
     spec: LoraSpec
     A: dict[LoraKey, Tensor]  # [n, r, in]
     B: dict[LoraKey, Tensor]  # [n, out, r]
+    magnitude: dict[LoraKey, Tensor] | None = None  # [n, out], DoRA only
 
     def __post_init__(self) -> None:
-        _check_tensors(self.spec, self.A, self.B, None, "LoraBatch")
+        _check_tensors(self.spec, self.A, self.B, None, "LoraBatch", self.magnitude)
 
     def __len__(self) -> int:
         return next(iter(self.A.values())).shape[0]
@@ -310,12 +433,16 @@ class LoraBatch:
                 self.spec,
                 {k: v[i] for k, v in self.A.items()},
                 {k: v[i] for k, v in self.B.items()},
+                _map(self.magnitude, lambda v: v[i]),
             )
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"LoraBatch index {i} out of range for {n} adapters")
         return LoraAdapter(
-            self.spec, {k: v[i] for k, v in self.A.items()}, {k: v[i] for k, v in self.B.items()}
+            self.spec,
+            {k: v[i] for k, v in self.A.items()},
+            {k: v[i] for k, v in self.B.items()},
+            _map(self.magnitude, lambda v: v[i]),
         )
 
     @classmethod
@@ -331,10 +458,14 @@ class LoraBatch:
                     f"({a.spec}) than adapter 0 ({spec})"
                 )
         keys = spec.keys()
+        magnitude = None
+        if spec.use_dora:
+            magnitude = {k: torch.stack([a.magnitude[k] for a in adapters]) for k in keys}
         return cls(
             spec,
             {k: torch.stack([a.A[k] for a in adapters]) for k in keys},
             {k: torch.stack([a.B[k] for a in adapters]) for k in keys},
+            magnitude,
         )
 
     def to(
@@ -345,4 +476,31 @@ class LoraBatch:
             self.spec,
             {k: v.to(device=device, dtype=dtype) for k, v in self.A.items()},
             {k: v.to(device=device, dtype=dtype) for k, v in self.B.items()},
+            _map(self.magnitude, lambda v: v.to(device=device, dtype=dtype)),
         )
+
+
+def _map(tensors: dict[LoraKey, Tensor] | None, fn) -> dict[LoraKey, Tensor] | None:
+    return None if tensors is None else {k: fn(v) for k, v in tensors.items()}
+
+
+def uniform_rank(
+    spec: LoraSpec, A: dict[LoraKey, Tensor], B: dict[LoraKey, Tensor]
+) -> tuple[int, float, dict[LoraKey, Tensor], dict[LoraKey, Tensor]]:
+    """(r, scale, A, B) with every key at one rank r and one scale, for the batched kernels.
+
+    A uniform spec comes back as it is. Otherwise each key is zero-padded to `spec.max_rank`
+    (A `[n, r_k, in]` -> `[n, r, in]`, B `[n, out, r_k]` -> `[n, out, r]`: the extra rank
+    components are 0 * 0, so B A is unchanged) and its own scale is folded into B, with scale 1.
+    Differentiable wrt the given tensors.
+    """
+    if spec.uniform:
+        return spec.rank, spec.scale, A, B
+    r = spec.max_rank
+    A2, B2 = {}, {}
+    keys = spec.keys()
+    for key in keys:
+        pad = r - spec.rank_of(key)
+        A2[key] = torch.nn.functional.pad(A[key], (0, 0, 0, pad))  # [n, r, in]
+        B2[key] = torch.nn.functional.pad(B[key] * spec.scale_of(key), (0, pad))  # [n, out, r]
+    return r, 1.0, A2, B2

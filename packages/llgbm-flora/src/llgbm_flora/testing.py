@@ -22,6 +22,7 @@ __all__ = [
     "MODEL_BUILDERS",
     "assert_no_hooks",
     "assert_state_unchanged",
+    "dependency_names",
     "hook_snapshot",
     "random_adapter",
     "random_batch",
@@ -190,3 +191,36 @@ def assert_no_hooks(model: nn.Module, baseline: dict | None = None) -> None:
         assert state == want, (
             f"hooks or patched forward left on {name or 'model'}: {state} != {want}"
         )
+
+
+def dependency_names(package_dir, rename: dict[str, str] | None = None) -> tuple[set, set]:
+    """(declared, imported) third-party distribution names of one package of this workspace.
+
+    `package_dir` holds `pyproject.toml` and `src/<module>/`. Imported: every absolute import
+    in the sources outside the standard library and the package itself, mapped to distribution
+    names with `rename` (import name -> distribution, where they differ), `_` read as `-`. For
+    each package's test that every import is declared (no phantom dependencies).
+    """
+    import ast
+    import re
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    package_dir = Path(package_dir)
+    project = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"]
+    declared = {
+        re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower().replace("_", "-")
+        for r in project.get("dependencies", [])
+    }
+    (src,) = [p for p in (package_dir / "src").iterdir() if p.is_dir() and p.name.isidentifier()]
+    imported = set()
+    for path in src.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != src.name}
+    rename = rename or {}
+    return declared, {rename.get(m, m).replace("_", "-") for m in third_party}
