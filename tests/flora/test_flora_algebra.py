@@ -216,3 +216,14 @@ def test_mixing_structures_or_bases_is_one_clear_error(other, message):
     assert "\n" not in str(info.value)
     # An unknown base (empty name) combines with any.
     algebra.weighted_sum([a, random_adapter(spec(base_model=""), seed=2)], [1.0, 1.0])
+
+
+def test_dora_and_rank_patterns_are_refused_in_one_line():
+    key = KEYS[0]
+    for bad, word in (
+        (spec(use_dora=True), "DoRA"),
+        (spec(rank_pattern={key: 5}), "rank_pattern"),
+    ):
+        with pytest.raises(LoraError, match=word):
+            algebra.check_same_structure([bad], "mean")
+    assert algebra.check_same_structure([spec()], "mean") == spec()

@@ -17,7 +17,7 @@ OPTIONAL = {"triton"}
 def test_imports_are_declared_dependencies():
     declared, imported = dependency_names(PKG)
     assert imported - OPTIONAL <= declared, f"undeclared: {sorted(imported - OPTIONAL - declared)}"
-    assert declared <= {"torch", "transformers", "peft", "safetensors"}, declared
+    assert declared <= {"torch", "transformers", "peft", "safetensors", "filelock"}, declared
     assert {"torch", "safetensors"} <= imported
 
 

@@ -74,6 +74,25 @@ class Refactored:
         return self.total_error() / total if total > 0 else 0.0
 
 
+def _plain(spec: LoraSpec, where: str) -> LoraSpec:
+    """`spec`, if its update is `scale * B @ A` with one rank and scale for every key.
+
+    DoRA's update depends on the base weight (the magnitude rescales W + dW row by row), and
+    per-key ranks/alphas do not fit one output rank; both are refused rather than mis-added.
+    """
+    if spec.use_dora:
+        raise LoraError(
+            f"{where}: DoRA adapters have no base-free delta-W (the magnitude rescales W + dW); "
+            "adapter algebra takes plain LoRA"
+        )
+    if not spec.uniform:
+        raise LoraError(
+            f"{where}: adapters with rank_pattern/alpha_pattern are not supported by adapter "
+            "algebra; refactor each key to one rank first"
+        )
+    return spec
+
+
 def _structure(spec: LoraSpec) -> tuple:
     return (spec.target_modules, spec.layers, spec.shapes)
 
@@ -86,6 +105,8 @@ def check_same_structure(specs: Sequence[LoraSpec], where: str) -> LoraSpec:
     """
     if not specs:
         raise LoraError(f"{where}: no adapters given")
+    for spec in specs:
+        _plain(spec, where)
     first = specs[0]
     bases = {s.base_model for s in specs if s.base_model}
     if len(bases) > 1:
@@ -133,7 +154,7 @@ def _as_adapters(x: Lora | Sequence[LoraAdapter]) -> list[LoraAdapter]:
 
 def delta_weight(x: Lora, key: LoraKey) -> Tensor:
     """The dense update `scale * B @ A` of one key: [out, in] (adapter) or [n, out, in] (batch)."""
-    return x.spec.scale * (x.B[key] @ x.A[key])
+    return _plain(x.spec, "delta_weight").scale * (x.B[key] @ x.A[key])
 
 
 def delta_weights(x: Lora) -> dict[LoraKey, Tensor]:
@@ -212,7 +233,7 @@ def refactor(adapter: LoraAdapter, rank: int | None = None) -> Refactored:
     A, B, dropped, norms = {}, {}, {}, {}
     for key in spec.keys():  # noqa: SIM118 (LoraSpec.keys)
         a, b = adapter.A[key], adapter.B[key]  # [R, in], [out, R]
-        u, s, vh = _lowrank_svd(spec.scale * b.double(), a.double())
+        u, s, vh = _lowrank_svd(_plain(spec, "refactor").scale * b.double(), a.double())
         bk, ak, rest = _factor_svd(u, s, vh, rank)
         A[key], B[key] = ak.to(a.dtype), bk.to(b.dtype)
         dropped[key] = rest.to(a.dtype)
