@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 
 import pytest
 from llgbm_train.config import (
+    SECTIONS,
     Config,
     ConfigError,
     TrainingConfig,
@@ -83,6 +85,41 @@ def test_bad_overrides_give_one_line(override, needle):
     msg = str(e.value)
     assert needle in msg
     assert "\n" not in msg
+
+
+FLOAT_FIELDS = [
+    (section, name)
+    for section, cls in SECTIONS.items()
+    for name, tp in typing.get_type_hints(cls).items()
+    if tp is float or float in typing.get_args(tp)
+]
+
+
+def test_every_float_field_is_covered():
+    # Sanity of the table below: the sections have float fields, optional ones included.
+    assert ("training", "grad_clip") in FLOAT_FIELDS and ("lora", "alpha") in FLOAT_FIELDS
+    assert ("training", "delta_scale") in FLOAT_FIELDS and len(FLOAT_FIELDS) >= 12
+
+
+@pytest.mark.parametrize(("section", "name"), FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
+def test_nan_and_infinity_are_refused_for_every_float_field(section, name, value):
+    # NaN compares false with every bound, so range checks alone let it through.
+    with pytest.raises(ConfigError, match=rf"{section}\.{name}: expected a finite number") as e:
+        Config().override([f"{section}.{name}={value}"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=rf"{section}\.{name}: nan must be a finite number"):
+        SECTIONS[section](**{name: float("nan")})
+
+
+def test_an_empty_config_file_is_refused(tmp_path):
+    # It used to mean "all defaults": a 35-minute default world build nobody asked for.
+    for text in ("", "# only a comment\n"):
+        p = tmp_path / "empty.yaml"
+        p.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty.yaml: config is empty") as e:
+            load_config(p)
+        assert "\n" not in str(e.value)
 
 
 def test_bad_files_name_the_file_and_field(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llgbm_train.checkpoint import load_state
 from llgbm_train.config import save_config
 from train_world import small_config
 
@@ -61,8 +62,8 @@ def test_two_processes_agree_and_only_rank0_writes(mini_world, tmp_path):
     ]
     lines = (runs / "r" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3
-    assert [p.name for p in (runs / "r" / "checkpoints").iterdir()] == ["step_000003.pt"]
+    assert [p.name for p in (runs / "r" / "checkpoints").iterdir()] == ["step_000003.safetensors"]
     # The checkpoint holds the parameters both ranks ended with.
-    ckpt = torch.load(runs / "r/checkpoints/step_000003.pt", weights_only=False)
+    ckpt = load_state(runs / "r/checkpoints/step_000003.safetensors")
     for key, value in ckpt["generator"].items():
         assert torch.equal(value, r0["state"][key])

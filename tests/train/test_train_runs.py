@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from llgbm_train.config import Config
-from llgbm_train.runs import Run, RunError, git_info, new_run_name
+from llgbm_train.runs import CheckpointWarning, Run, RunError, git_info, new_run_name
 
 
 def test_create_writes_config_metadata_and_is_atomic(tmp_path):
@@ -39,16 +39,27 @@ def test_checkpoints_rotate_and_check_config(tmp_path):
         run.save_checkpoint(
             {"step": step, "config_hash": cfg.hash, "w": torch.ones(2) * step}, step, keep=2
         )
-    assert [p.name for p in run.checkpoints()] == ["step_000002.pt", "step_000003.pt"]
+    assert [p.name for p in run.checkpoints()] == [
+        "step_000002.safetensors",
+        "step_000003.safetensors",
+    ]
     state = run.load_checkpoint(cfg)
     assert state["step"] == 3 and torch.equal(state["w"], torch.full((2,), 3.0))
     other = cfg.override(["training.lr=0.5"])
     with pytest.raises(RunError, match="checkpoint was written by another config") as e:
         run.load_checkpoint(other)
     assert "\n" not in str(e.value)
-    (run.checkpoint_dir / "step_000009.pt").write_bytes(b"not a checkpoint")
+    # A damaged newest checkpoint is skipped for the one before it, with a warning.
+    (run.checkpoint_dir / "step_000009.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.warns(CheckpointWarning, match=r"step_000009.*unreadable checkpoint.*step_000003"):
+        assert run.load_checkpoint(cfg)["step"] == 3
     with pytest.raises(RunError, match="unreadable checkpoint"):
+        run.load_checkpoint(cfg, run.checkpoint_dir / "step_000009.safetensors")
+    for p in run.checkpoints():
+        p.write_bytes(p.read_bytes()[:-8])  # torn
+    with pytest.raises(RunError, match=r"no intact checkpoint .* 3 damaged") as e:
         run.load_checkpoint(cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):

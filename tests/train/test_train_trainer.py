@@ -8,6 +8,7 @@ import llgbm_train.losses as L
 import pytest
 import torch
 from llgbm_train import data as D
+from llgbm_train.checkpoint import load_state
 from llgbm_train.evaluate import heldout_delta_error, mean_adapter
 from llgbm_train.runs import RunError
 from llgbm_train.trainer import TrainingError, delta_w_sq_norms, train
@@ -30,7 +31,10 @@ def test_objectives_train_and_log_losses_with_baselines(make_config, tmp_path, o
     assert meta["config_hash"] == cfg.hash
     assert len(meta["world"]["hash"]) == 16 and meta["delta_cache"]["teacher_deltas_hash"]
     assert set(meta["git"]) == {"commit", "dirty"} and meta["environment"]["packages"]["torch"]
-    assert [p.name for p in result.run.checkpoints()] == ["step_000002.pt", "step_000003.pt"]
+    assert [p.name for p in result.run.checkpoints()] == [
+        "step_000002.safetensors",
+        "step_000003.safetensors",
+    ]
 
 
 def test_resume_gives_identical_metrics(make_config, tmp_path):
@@ -75,10 +79,10 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(make_config, tmp_path, m
     monkeypatch.setattr(L, "delta_loss", poisoned)
     cfg = make_config("training.steps=6", "training.checkpoint_every=2")
     with pytest.raises(
-        TrainingError, match=r"non-finite loss or gradient at step 3 .*step_000002\.pt"
+        TrainingError, match=r"non-finite loss or gradient at step 3 .*step_000002\.safetensors"
     ):
         train(cfg, tmp_path / "run", progress=False)
-    ckpt = torch.load(tmp_path / "run/checkpoints/step_000002.pt", weights_only=False)
+    ckpt = load_state(tmp_path / "run/checkpoints/step_000002.safetensors")
     assert ckpt["step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["generator"].values())
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -10,6 +10,7 @@ entry point; ``python tests/train/train_world.py ARGS`` runs ``llgbm ARGS``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -128,6 +129,9 @@ def build(root: Path, *, seed: int = 0) -> Path:
                         "step": 10 * (ckpt + 1),
                         "data_split": 0,
                         "kind": "single",
+                        "sha256": hashlib.sha256(
+                            (root / rel / "adapter_model.safetensors").read_bytes()
+                        ).hexdigest(),
                     }
                 )
     manifest = {

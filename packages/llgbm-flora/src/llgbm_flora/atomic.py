@@ -28,6 +28,7 @@ with one-line messages, so every command line prints them as one ``error:`` line
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import secrets
@@ -139,7 +140,7 @@ def remove_leftovers(directory: str | os.PathLike, name: str | None = None) -> l
     since another writer's temporary file looks the same. Returns what was removed.
     """
     directory = Path(directory)
-    pattern = f".{name}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"
+    pattern = f".{glob.escape(name)}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"
     removed = []
     for p in directory.glob(pattern) if directory.is_dir() else ():
         if p.is_file() and not p.is_symlink():
@@ -156,7 +157,8 @@ def fresh_dir(final: str | os.PathLike) -> Path:
     """
     final = Path(final)
     tmp = final.parent / f".{final.name}{TMP_SUFFIX}"
-    for leftover in (tmp, *final.parent.glob(f".{final.name}.*{ASIDE_SUFFIX}")):
+    aside = final.parent.glob(f".{glob.escape(final.name)}.*{ASIDE_SUFFIX}")
+    for leftover in (tmp, *aside):
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover)
         elif leftover.exists() or leftover.is_symlink():

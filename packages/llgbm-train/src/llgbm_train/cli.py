@@ -3,12 +3,16 @@
     llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
     llgbm evaluate runs/delta_multi
 
-Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback).
+Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback); so does a
+failing file system (an unwritable ``runs_dir``). Overrides may come before or after options
+(``llgbm train cfg.yaml --name x training.steps=1``). A run is trained, resumed or evaluated by
+one process at a time (``runs/.<name>.lock``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -150,8 +154,10 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from llgbm_flora.names import check_name
+
     from llgbm_train.evaluate import evaluate, print_summary
-    from llgbm_train.runs import RunError, new_run_name
+    from llgbm_train.runs import RunError, new_run_name, run_lock
     from llgbm_train.trainer import make_accelerator, train
 
     overrides = list(args.overrides)
@@ -162,7 +168,7 @@ def cmd_train(args) -> int:
             *overrides,
         ]
     cfg = _load(args.config, overrides)
-    base = args.name or cfg.name
+    base = check_name(args.name or cfg.name, "run name", error=RunError)
     runs = Path(cfg.runs_dir)
     acc = make_accelerator(cfg)
     if args.resume:
@@ -172,19 +178,31 @@ def cmd_train(args) -> int:
     else:
         name = new_run_name(runs, base)
     acc.wait_for_everyone()  # every rank picked the name before rank 0 creates the directory
-    result = train(
-        cfg,
-        runs / name,
-        resume=args.resume,
-        stop_after=args.stop_after,
-        progress=True,
-        accelerator=acc,
-    )
-    if acc.is_main_process:
-        print(f"run: {runs / name}  ({result.step} steps; last loss {result.last.get('loss')})")
-    if result.stopped_early or args.no_eval or not acc.is_main_process:
-        return 0
-    report = evaluate(result.setup, result.generator, out_dir=runs / name, progress=True)
+    # Rank 0 alone writes the run, so it alone holds the lock (the other ranks only read).
+    lock = run_lock(runs / name) if acc.is_main_process else contextlib.nullcontext()
+    try:
+        with lock:
+            result = train(
+                cfg,
+                runs / name,
+                resume=args.resume,
+                stop_after=args.stop_after,
+                progress=True,
+                accelerator=acc,
+            )
+            if acc.is_main_process:
+                last = result.last.get("loss")
+                print(f"run: {runs / name}  ({result.step} steps; last loss {last})")
+            if result.stopped_early or args.no_eval or not acc.is_main_process:
+                return 0
+            report = evaluate(result.setup, result.generator, out_dir=runs / name, progress=True)
+    except KeyboardInterrupt:
+        if (runs / name / "config.yaml").is_file():
+            again = f"llgbm {args.command} {args.config} --name {name} --resume"
+            print(f"interrupted: continue the run with `{again}`", file=sys.stderr)
+        else:
+            print("interrupted before the run started: rerun the same command", file=sys.stderr)
+        return 130
     print_summary(report)
     print(f"report: {runs / name / 'eval' / 'report.md'}")
     return 0
@@ -236,8 +254,10 @@ def cmd_world(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from llgbm_train.evaluate import evaluate_run, print_summary, report_stem
+    from llgbm_train.runs import run_lock
 
-    report = evaluate_run(args.run, tasks=args.tasks)
+    with run_lock(args.run):
+        report = evaluate_run(args.run, tasks=args.tasks)
     print_summary(report)
     print(f"report: {Path(args.run) / 'eval' / (report_stem(report['tasks_evaluated']) + '.md')}")
     return 0
@@ -253,25 +273,64 @@ COMMANDS = {
 }
 
 
+# What to do after Ctrl-C, per command (train says it itself: it knows the run's name).
+INTERRUPTED = {
+    "world": "interrupted: rerun the same command to resume the build",
+    "compute-deltas": "interrupted: rerun the same command (finished deltas are cached)",
+    "evaluate": "interrupted: rerun the same command to evaluate again",
+}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides are also accepted after the options."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 13] ..." -> "runs/x: Permission denied"
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _show=None):
+    # Our own warnings (a damaged checkpoint skipped) read as one line, like errors.
+    if category.__module__.startswith("llgbm_"):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        (_show or warnings.showwarning)(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
+    shown = warnings.showwarning
     if not args.debug:
         # A deprecation notice PEFT triggers inside transformers while scoring; not actionable.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, _show=shown)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        # Our error types subclass ValueError with one-line messages; others are summarised.
+    except (ValueError, OSError) as e:
+        # Our error types subclass ValueError with one-line messages; OSErrors (an unwritable
+        # or full disk) are summarised the same way.
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (resume with --resume)", file=sys.stderr)
+        print(INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 
 Every section validates itself in ``__post_init__`` (types are coerced and checked by
 ``from_dict``); a bad value raises ``ConfigError`` with one line naming the field and, for
-choices, the allowed values. Constructing a config never touches the disk or a model.
+choices, the allowed values. Every float field must be finite (NaN passes every ``<`` range
+check, so it is refused first). Constructing a config never touches the disk or a model.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
+from llgbm_flora.atomic import write_text as atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,8 @@ class _Section:
             allowed = _literal_values(hints[f.name])
             if allowed is not None and value is not None:
                 _check_choice(self.section, f.name, value, allowed)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{self.section}.{f.name}: {value!r} must be a finite number")
         self.validate()
 
     def validate(self) -> None:
@@ -345,6 +349,8 @@ def _coerce(tp: Any, value: Any, where: str, source: str) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: {where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -378,10 +384,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        # An empty file would silently mean "every default" (a long default-world build).
+        raise ConfigError(
+            f"{path}: config is empty; start from a file in configs/ (e.g. delta_multi.yaml)"
+        )
     cfg = Config.from_dict(data, source=str(path))
     if overrides:
         cfg = cfg.override(overrides)
@@ -397,16 +408,3 @@ def dump_config(cfg: Config) -> str:
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write YAML atomically (tmp file in the same dir + os.replace)."""
     return atomic_write_text(Path(path), dump_config(cfg))
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -23,12 +23,12 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from abc import ABCMeta, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from llgbm_flora import atomic
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -163,16 +163,8 @@ class ConditionEncoder(nn.Module, metaclass=ABCMeta):
         return states, mask
 
     def _write(self, key: str, states: Tensor, mask: Tensor) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"states": states, "mask": mask.to(torch.uint8)}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic.atomic_file(self._path(key)) as tmp:
+            save_file({"states": states, "mask": mask.to(torch.uint8)}, str(tmp))
 
 
 def _safe(name: str) -> str:

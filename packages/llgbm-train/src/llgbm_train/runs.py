@@ -5,11 +5,17 @@
         metadata.json    git commit + dirty flag, environment versions, config/world/delta hashes
         metrics.jsonl    one JSON record per logged step (no wall-clock values: resumable equality)
         timing.jsonl     wall-clock per logged step (kept apart from metrics on purpose)
-        checkpoints/step_000050.pt ...   atomic, newest ``keep`` kept
+        checkpoints/step_000050.safetensors ...   atomic, newest ``keep`` kept
         adapters/<task>/ generated PEFT adapters;  eval/report.{json,md}
+    runs/.<name>.lock    held by the one process training or evaluating the run (run_lock)
 
 A run directory appears in one ``os.rename`` once its inputs were validated, so bad input never
-leaves a half-written run behind.
+leaves a half-written run behind. Run names are single safe path components
+(:func:`llgbm_flora.names.check_name`). Checkpoints are :mod:`llgbm_train.checkpoint` files
+(safetensors + JSON, never pickle); a run holding old ``.pt`` checkpoints is refused in one
+line. Resuming takes the newest checkpoint that reads back intact and falls back to the one
+before when the newest is damaged; temporary files of a killed checkpoint write are removed by
+the next one.
 """
 
 from __future__ import annotations
@@ -24,19 +30,30 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llgbm_train.config import Config, ConfigError, atomic_write_text, dump_config, load_config
+from llgbm_flora import atomic
+from llgbm_flora.names import check_name
+
+from llgbm_train.checkpoint import SUFFIX, CheckpointError, load_state, save_state
+from llgbm_train.config import Config, ConfigError, dump_config, load_config
 
 
 class RunError(ValueError):
     """A run directory or checkpoint is missing, foreign or corrupt; one-line message."""
 
 
-_CKPT = re.compile(r"^step_(\d{6,})\.pt$")
+class CheckpointWarning(UserWarning):
+    """The newest checkpoint was damaged and an older one is used instead."""
+
+
+_CKPT = re.compile(rf"^step_(\d{{6,}}){re.escape(SUFFIX)}$")
+_PICKLE_CKPT = re.compile(r"^step_(\d{6,})\.pt$")  # written by llgbm-train before 0.1
 _PACKAGES = (
     "llgbm-train",
     "llgbm-flora",
@@ -128,10 +145,11 @@ class Run:
     def create(cls, path: str | os.PathLike, config: Config, metadata: dict[str, Any]) -> Run:
         """Write config + metadata in a temp dir beside ``path``, then rename it into place."""
         path = Path(path)
+        check_name(path.name, "run name", error=RunError)
         if path.exists():
             raise RunError(f"{path}: run directory exists (pass --resume to continue it)")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        tmp = atomic.fresh_dir(path)
         try:
             (tmp / "config.yaml").write_text(dump_config(config))
             meta = {"created": _now(), "config_hash": config.hash, **metadata}
@@ -163,7 +181,7 @@ class Run:
     def update_metadata(self, **fields: Any) -> None:
         meta = self.metadata()
         meta.update(fields)
-        atomic_write_text(self.metadata_path, json.dumps(meta, indent=2, default=str))
+        atomic.write_json(self.metadata_path, meta, default=str)
 
     # metrics ---------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any], *, file: str = "metrics.jsonl") -> None:
@@ -190,61 +208,81 @@ class Run:
                     continue
                 if rec.get("step", 0) <= step:
                     keep.append(line + "\n")
-            atomic_write_text(p, "".join(keep))
+            atomic.write_text(p, "".join(keep))
 
     # checkpoints -----------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Checkpoint files, oldest first (damaged ones included: loading tells them apart)."""
         if not self.checkpoint_dir.is_dir():
             return []
-        found = [
-            (int(m.group(1)), p)
-            for p in self.checkpoint_dir.iterdir()
-            if (m := _CKPT.match(p.name))
-        ]
-        return [p for _, p in sorted(found)]
+        names = [p.name for p in self.checkpoint_dir.iterdir()]
+        if pickled := sorted(n for n in names if _PICKLE_CKPT.match(n)):
+            # Never unpickled: torch.load of a file from someone else's run can run any code.
+            raise RunError(
+                f"{self.checkpoint_dir / pickled[-1]}: pickle checkpoint (.pt) refused, since "
+                "loading one can run code; this llgbm writes .safetensors: retrain the run"
+            )
+        found = [(int(m.group(1)), n) for n in names if (m := _CKPT.match(n))]
+        return [self.checkpoint_dir / n for _, n in sorted(found)]
 
     def save_checkpoint(self, state: dict[str, Any], step: int, *, keep: int = 2) -> Path:
-        import torch
-
+        """Write ``state`` as ``step_<step>`` atomically; keep the newest ``keep`` checkpoints."""
         self.checkpoint_dir.mkdir(exist_ok=True)
-        path = self.checkpoint_dir / f"step_{step:06d}.pt"
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=".ckpt.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.remove_leftovers(self.checkpoint_dir)  # a killed write's tmp file (run is locked)
+        path = save_state(self.checkpoint_dir / f"step_{step:06d}{SUFFIX}", state)
         for old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
         return path
 
     def load_checkpoint(self, config: Config, path: Path | None = None) -> dict[str, Any]:
-        """Newest (or given) checkpoint; it must have been written under ``config``."""
-        import torch
+        """Newest intact (or the given) checkpoint; it must have been written under ``config``.
 
-        if path is None:
-            ckpts = self.checkpoints()
-            if not ckpts:
-                raise RunError(f"{self.dir}: no checkpoint to resume from")
-            path = ckpts[-1]
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
-        if state.get("config_hash") != config.hash:
-            raise RunError(
-                f"{path}: checkpoint was written by another config (hash "
-                f"{state.get('config_hash')}, this config {config.hash}); use the run's own "
-                "config.yaml or start a new run with --name"
-            )
-        return state
+        A damaged newest checkpoint (a kill mid-write on a file system without atomic rename,
+        a bad disk) is skipped with a :class:`CheckpointWarning` for the one before it.
+        """
+        candidates = [Path(path)] if path is not None else self.checkpoints()[::-1]
+        if not candidates:
+            raise RunError(f"{self.dir}: no checkpoint to resume from")
+        damaged: list[str] = []
+        for p in candidates:
+            try:
+                state = load_state(p)
+            except CheckpointError as e:
+                if path is not None:
+                    raise RunError(str(e)) from None
+                damaged.append(str(e))
+                continue
+            if damaged:
+                warnings.warn(
+                    f"{damaged[0]}; using the previous checkpoint {p.name}",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+            if state.get("config_hash") != config.hash:
+                raise RunError(
+                    f"{p}: checkpoint was written by another config (hash "
+                    f"{state.get('config_hash')}, this config {config.hash}); use the run's own "
+                    "config.yaml or start a new run with --name"
+                )
+            return state
+        raise RunError(f"{self.dir}: no intact checkpoint ({damaged[0]}; {len(damaged)} damaged)")
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<runs>/.<name>.lock`` for a train, resume or evaluate of ``run_dir``.
+
+    The lock sits beside the run directory, so it also guards a run that does not exist yet.
+    A second process gets a one-line :class:`~llgbm_flora.atomic.LockHeldError` at once.
+    """
+    shown, run_dir = Path(run_dir), Path(run_dir).resolve()  # "runs/x/", "." and ./x: one lock
+    with atomic.file_lock(run_dir.parent / f".{run_dir.name}.lock", what=f"run {shown}"):
+        yield
 
 
 def new_run_name(runs_dir: str | os.PathLike, base: str) -> str:
-    """``base`` if free, else ``base-2``, ``base-3``..."""
+    """``base`` if free, else ``base-2``, ``base-3``... (``base`` must be a safe name)."""
+    check_name(base, "run name", error=RunError)
     runs_dir = Path(runs_dir)
     if not (runs_dir / base).exists():
         return base
