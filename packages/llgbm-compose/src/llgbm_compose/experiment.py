@@ -255,6 +255,8 @@ def run_compose(
         "kind": w.kind,
         "preset": w.preset,
         "seed": w.seed,
+        # Zoo init (shared / independent), from world.json where the world records it.
+        "init": w.raw.get("init") or w.raw.get("recipe", {}).get("zoo", {}).get("init"),
         "recipe": w.raw.get("recipe", {}),
         "config": asdict(cfg),
         "clustering": timed("clustering", clustering, wd),

@@ -27,7 +27,8 @@ def _acc(s: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     c = report["clustering"]
     lines = [
-        f"# Composition on {report['world']} ({report['kind']}, preset {report['preset']})",
+        f"# Composition on {report['world']} ({report['kind']}, preset {report['preset']}, "
+        f"init {report.get('init') or 'unrecorded'})",
         "",
         f"## Clustering (silhouette, cosine; {c['n_teachers']} single-task teachers, "
         f"{c['n_families']} families, {c['n_tasks']} tasks)",

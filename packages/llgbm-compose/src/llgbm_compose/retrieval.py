@@ -94,6 +94,68 @@ class DeltaIndex:
 
     # -- building ------------------------------------------------------------------------
     @classmethod
+    def create(
+        cls,
+        dim: int,
+        *,
+        kind: str = "flat",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        codec: str = "flat",
+        source: dict[str, Any] | None = None,
+    ) -> DeltaIndex:
+        """An empty index of ``dim``-wide deltas; IVF needs `train` before `add`.
+
+        For zoos too large to hold twice in memory: create, train on a sample, add in chunks.
+        """
+        import faiss
+
+        if kind not in ("flat", "ivf"):
+            raise RetrievalError(f"index kind: {kind!r} is not flat or ivf")
+        if codec not in CODECS:
+            raise RetrievalError(f"index codec: {codec!r} is not one of {', '.join(CODECS)}")
+        if kind == "flat":
+            factory, probe = "Flat", 1
+        else:
+            if nlist is None or nlist < 1:
+                raise RetrievalError(f"nlist: an IVF index needs >= 1 cells, got {nlist!r}")
+            factory = f"IVF{int(nlist)},{CODECS[codec]}"
+            probe = max(1, int(nlist) // 32) if nprobe is None else int(nprobe)
+        index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+        out = cls(index, [], kind, factory, dict(source or {}), probe)
+        out.set_nprobe(probe)
+        return out
+
+    def train(self, sample: np.ndarray, *, seed: int = 0) -> None:
+        """Learn the IVF cells by k-means on ``sample`` [m, dim] (m >= nlist); no-op for flat."""
+        if self.kind != "ivf":
+            return
+        import faiss
+
+        x = unit_rows(sample)
+        ivf = faiss.extract_index_ivf(self.index)
+        if x.shape[0] < ivf.nlist:
+            raise RetrievalError(f"train: {x.shape[0]} deltas for {ivf.nlist} cells; use fewer")
+        ivf.cp.seed = seed  # reproducible k-means cells
+        self.index.train(x)
+
+    def add(self, deltas: np.ndarray, rows: Sequence[dict[str, Any]] | None = None) -> None:
+        """Append ``deltas`` [n, dim] (normalised here) and their metadata rows (default
+        ``{"id": i}``)."""
+        x = unit_rows(deltas)
+        if x.shape[1] != self.dim:
+            raise RetrievalError(f"add: deltas have {x.shape[1]} dimensions, the index {self.dim}")
+        if not self.index.is_trained:
+            raise RetrievalError("add: train the IVF index on a sample of deltas first")
+        start = len(self)
+        if rows is None:
+            rows = [{"id": start + i} for i in range(x.shape[0])]
+        if len(rows) != x.shape[0]:
+            raise RetrievalError(f"{len(rows)} metadata rows for {x.shape[0]} deltas")
+        self.index.add(x)
+        self.rows.extend(dict(r) for r in rows)
+
+    @classmethod
     def build(
         cls,
         deltas: np.ndarray,
@@ -111,45 +173,29 @@ class DeltaIndex:
 
         IVF: ``nlist`` cells (default `default_nlist`), trained by k-means on ``train_size``
         deltas drawn with ``seed`` (default: all, at most 256 per cell); ``nprobe`` cells
-        searched per query (default: nlist / 32, at least 1; change it per search).
+        searched per query (default: nlist / 32, at least 1; change it with `set_nprobe`).
         """
-        import faiss
-
         if kind not in KINDS:
             raise RetrievalError(f"index kind: {kind!r} is not one of {', '.join(KINDS)}")
-        if codec not in CODECS:
-            raise RetrievalError(f"index codec: {codec!r} is not one of {', '.join(CODECS)}")
         x = np.asarray(deltas)
         if x.ndim != 2 or x.shape[0] == 0:
             raise RetrievalError(
                 f"no deltas to index (got shape {list(x.shape)}); index at least one adapter"
             )
-        rows = [{"id": i} for i in range(x.shape[0])] if rows is None else [dict(r) for r in rows]
-        if len(rows) != x.shape[0]:
-            raise RetrievalError(f"{len(rows)} metadata rows for {x.shape[0]} deltas")
-        x = unit_rows(x)
         n, d = x.shape
         if kind == "auto":
             kind = "ivf" if n >= AUTO_IVF_FROM else "flat"
-        if kind == "flat":
-            factory = "Flat"
-            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-            probe = 1
-        else:
-            cells = default_nlist(n) if nlist is None else int(nlist)
-            if not 1 <= cells <= n:
-                raise RetrievalError(f"nlist: {cells} cells for {n} deltas; use 1..{n}")
-            factory = f"IVF{cells},{CODECS[codec]}"
-            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        cells = (default_nlist(n) if nlist is None else int(nlist)) if kind == "ivf" else None
+        if cells is not None and not 1 <= cells <= n:
+            raise RetrievalError(f"nlist: {cells} cells for {n} deltas; use 1..{n}")
+        out = cls.create(d, kind=kind, nlist=cells, nprobe=nprobe, codec=codec, source=source)
+        if cells is not None:
             want = min(n, train_size or 256 * cells)
             rng = np.random.default_rng(seed)
-            sample = x if want >= n else x[np.sort(rng.choice(n, size=want, replace=False))]
-            faiss.extract_index_ivf(index).cp.seed = seed  # reproducible k-means cells
-            index.train(sample)
-            probe = max(1, cells // 32) if nprobe is None else int(nprobe)
-        index.add(x)
-        out = cls(index, rows, kind, factory, dict(source or {}), probe)
-        out.set_nprobe(probe)
+            out.train(
+                x if want >= n else x[np.sort(rng.choice(n, size=want, replace=False))], seed=seed
+            )
+        out.add(x, rows)
         return out
 
     def set_nprobe(self, nprobe: int) -> None:
