@@ -202,3 +202,19 @@ def test_saved_merge_is_a_peft_adapter(tmp_path):
         base_out = model(input_ids=ids).logits
     torch.testing.assert_close(merged_out, functional, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged_out, base_out)  # the merge changes what the model computes
+
+
+def test_delta_w_gram_of_mixed_ranks_matches_dense():
+    from llgbm_compose.clustering import delta_w_gram
+
+    adapters = [
+        random_adapter(spec(), seed=1),
+        random_adapter(spec(rank=2, alpha=5.0), seed=2),
+        random_adapter(spec(), seed=3),
+    ]
+    flat = np.stack(
+        [np.concatenate([dense(a, k).flatten().numpy() for k in KEYS]) for a in adapters]
+    )
+    np.testing.assert_allclose(delta_w_gram(adapters), flat @ flat.T, rtol=1e-5)
+    same = [adapters[0], adapters[2]]
+    np.testing.assert_allclose(delta_w_gram(same), flat[[0, 2]] @ flat[[0, 2]].T, rtol=1e-5)

@@ -23,18 +23,36 @@ REPRESENTATIONS = ("delta", "weights", "delta_w")
 GROUPINGS = ("family", "task")
 
 
-def representations(world_deltas, teachers) -> dict[str, np.ndarray]:
-    """``delta``: [n, hidden]; ``weights``: [n, n_params]; ``delta_w``: cosine distances [n, n]."""
-    from llgbm_flora import LoraBatch, algebra, load_adapter
+def delta_w_gram(adapters) -> np.ndarray:
+    """<dW_i, dW_j>_F summed over keys, [n, n] float64; adapters of different ranks or scales
+    (an hf world's zoo) are compared pair by pair."""
+    from llgbm_flora import LoraBatch, algebra
+
+    spec = adapters[0].spec
+    if all(spec.compatible(a.spec) for a in adapters):
+        return algebra.gram(LoraBatch.from_adapters(adapters).to(dtype=torch.float64)).numpy()
+    wide = [a.to(dtype=torch.float64) for a in adapters]
+    n = len(wide)
+    g = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            g[i, j] = g[j, i] = float(algebra.inner(wide[i], wide[j]).sum())
+    return g
+
+
+def representations(world_deltas, teachers) -> dict[str, np.ndarray | None]:
+    """``delta``: [n, hidden]; ``weights``: [n, n_params] (None if the teachers' shapes differ);
+    ``delta_w``: cosine distances [n, n]."""
+    from llgbm_flora import load_adapter
     from llgbm_worlds.quality import cosine_distances_from_gram, flat_weights
 
     deltas = world_deltas.teachers(teachers).deltas
-    batch = LoraBatch.from_adapters([load_adapter(t.path) for t in teachers])
-    gram = algebra.gram(batch.to(dtype=torch.float64)).numpy()  # [n, n]
+    adapters = [load_adapter(t.path) for t in teachers]
+    same = all(adapters[0].spec.compatible(a.spec) for a in adapters)
     return {
         "delta": deltas,
-        "weights": flat_weights([t.path for t in teachers]),
-        "delta_w": cosine_distances_from_gram(gram),
+        "weights": flat_weights([t.path for t in teachers]) if same else None,
+        "delta_w": cosine_distances_from_gram(delta_w_gram(adapters)),
     }
 
 
@@ -53,8 +71,8 @@ def clustering(world_deltas, teachers=None) -> dict[str, Any]:
     for name in REPRESENTATIONS:
         table[name] = {}
         for g in GROUPINGS:
-            if len(set(labels[g])) < 2:
-                table[name][g] = None  # one group: silhouette undefined
+            if len(set(labels[g])) < 2 or reps[name] is None:
+                table[name][g] = None  # one group, or no common shape: undefined
                 continue
             if name == "delta_w":
                 table[name][g] = silhouette(reps[name], labels[g])
