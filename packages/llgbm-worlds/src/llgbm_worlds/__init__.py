@@ -21,7 +21,7 @@ from llgbm_worlds.errors import (
 from llgbm_worlds.families import FAMILIES, Example, Family, get_family, make_items
 from llgbm_worlds.frame import HEADERS, format_prompt, generic_probe_texts
 from llgbm_worlds.hf import import_hf
-from llgbm_worlds.scoring import score, score_fast
+from llgbm_worlds.scoring import bootstrap_ci, score, score_fast
 from llgbm_worlds.show import show_world
 from llgbm_worlds.world import TaskInfo, TeacherInfo, World
 
@@ -40,6 +40,7 @@ __all__ = [
     "World",
     "WorldError",
     "WorldIncompleteError",
+    "bootstrap_ci",
     "build_world",
     "format_prompt",
     "generic_probe_texts",

@@ -4,6 +4,7 @@
 one teacher-forced forward pass: greedy decoding yields exactly ``answer + EOS`` iff at every
 answer position the arg-max is the next answer token. It is used where the tokenizer spells each
 answer one way only (the tiny world's word-level tokenizer), and is checked against ``score``.
+``bootstrap_ci`` gives an accuracy's 95% interval over items.
 """
 
 from __future__ import annotations
@@ -11,10 +12,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llgbm_worlds.data import IGNORE, collate, encode
 from llgbm_worlds.families import Example
+
+
+def bootstrap_ci(correct, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy of ``correct`` (booleans) and its 95% percentile-bootstrap interval over
+    items; NaNs for no items."""
+    x = np.asarray(correct, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    return float(x.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def _normalise(text: str) -> str:
