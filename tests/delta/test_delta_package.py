@@ -55,7 +55,7 @@ def test_wheels_require_nothing_heavy(tmp_path):
         assert reqs, wheel.name
         assert not reqs & FORBIDDEN, f"{wheel.name} requires {sorted(reqs & FORBIDDEN)}"
         assert reqs <= {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm",
-                        "tokenizers", "llgbm-flora"}, reqs  # fmt: skip
+                        "tokenizers", "filelock", "llgbm-flora"}, reqs  # fmt: skip
 
 
 def _readme_example() -> str:
