@@ -99,14 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     ws = wsub.add_parser("show", parents=[common], help="print a world's tasks and teachers")
     ws.add_argument("dir")
 
-    e = sub.add_parser("evaluate", help="evaluate a run on its held-out tasks")
+    e = sub.add_parser(
+        "evaluate", help="evaluate a run's newest checkpoint on held-out and seen tasks"
+    )
     e.add_argument("run", help="run directory, e.g. runs/delta_multi")
     e.add_argument(
         "--tasks",
         choices=["heldout", "train", "all"],
         default=None,
-        help="which tasks to score (default: the run's eval.tasks, normally heldout); "
-        "writes eval/report.md for heldout, eval/report-<tasks>.md otherwise",
+        help="which tasks to score (default: the run's eval.tasks); replaces eval/ (report.md, "
+        "report.json, adapters/) as a whole",
     )
     return p
 
@@ -149,7 +151,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from llgbm_train.evaluate import evaluate, print_summary
+    from llgbm_train.evaluate import evaluate
+    from llgbm_train.reports import print_summary
     from llgbm_train.runs import RunError, new_run_name
     from llgbm_train.trainer import make_accelerator, train
 
@@ -183,8 +186,14 @@ def cmd_train(args) -> int:
         print(f"run: {runs / name}  ({result.step} steps; last loss {result.last.get('loss')})")
     if result.stopped_early or args.no_eval or not acc.is_main_process:
         return 0
-    report = evaluate(result.setup, result.generator, out_dir=runs / name, progress=True)
-    print_summary(report)
+    report = evaluate(
+        result.setup,
+        result.generator,
+        out_dir=runs / name,
+        checkpoint={"step": result.step, "steps": cfg.training.steps},
+        progress=True,
+    )
+    print_summary(report, str(runs / name))
     print(f"report: {runs / name / 'eval' / 'report.md'}")
     return 0
 
@@ -232,11 +241,12 @@ def cmd_world(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from llgbm_train.evaluate import evaluate_run, print_summary, report_stem
+    from llgbm_train.evaluate import evaluate_run
+    from llgbm_train.reports import print_summary
 
     report = evaluate_run(args.run, tasks=args.tasks)
-    print_summary(report)
-    print(f"report: {Path(args.run) / 'eval' / (report_stem(report['tasks_evaluated']) + '.md')}")
+    print_summary(report, args.run)
+    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
     return 0
 
 
