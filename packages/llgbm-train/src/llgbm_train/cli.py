@@ -1,7 +1,9 @@
-"""The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate.
+"""The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate,
+experiment.
 
     llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
     llgbm evaluate runs/delta_multi
+    llgbm experiment tiny                                       # configs/experiments/tiny.yaml
 
 Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback).
 """
@@ -110,6 +112,24 @@ def _parser() -> argparse.ArgumentParser:
         help="which tasks to score (default: the run's eval.tasks); replaces eval/ (report.md, "
         "report.json, adapters/) as a whole",
     )
+    x = sub.add_parser(
+        "experiment",
+        help="objectives x seeds x worlds (+ ablations), resumable; writes docs/results.md",
+        description="Run an experiment spec (configs/experiments/NAME.yaml): every objective "
+        "config x generator seed x world, plus its ablations. Finished runs are reused; rerun "
+        "after a kill to continue. Writes the spec's results.json and results.md.",
+    )
+    x.add_argument("spec", help="a name in configs/experiments/ (e.g. tiny) or a YAML path")
+    x.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for every run (they change the runs: use another --out)",
+    )
+    x.add_argument("--out", help="directory of the experiment's runs (default: the spec's)")
+    x.add_argument("--report", help="Markdown report path (default: the spec's)")
+    x.add_argument("--results", help="results JSON path (default: the spec's)")
+    x.add_argument("--plan", action="store_true", help="list the runs and which are done; run none")
     return p
 
 
@@ -250,6 +270,32 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    import dataclasses
+
+    from llgbm_train.experiment import load_spec, plan, run_experiment, run_state
+    from llgbm_train.reports import print_experiment
+
+    spec, path = load_spec(args.spec, tuple(args.overrides))
+    given = {"out": args.out, "report": args.report, "results": args.results}
+    spec = dataclasses.replace(spec, **{k: v for k, v in given.items() if v})
+    if args.plan:
+        runs = plan(spec)
+        for r in runs:
+            also = "".join(f", also {w}/{lab}" for w, lab in r.aliases)
+            print(f"{run_state(r):>9}  {r.dir}  ({r.cfg.training.steps} steps{also})")
+        print(f"{len(runs)} runs")
+        return 0
+    try:
+        results = run_experiment(spec, source=str(path))
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun `llgbm experiment {args.spec}` to continue", file=sys.stderr)
+        return 130
+    print_experiment(results)
+    print(f"report: {spec.report}  results: {spec.results}")
+    return 0
+
+
 COMMANDS = {
     "verify": cmd_verify,
     "train": cmd_train,
@@ -257,6 +303,7 @@ COMMANDS = {
     "compute-deltas": cmd_compute_deltas,
     "world": cmd_world,
     "evaluate": cmd_evaluate,
+    "experiment": cmd_experiment,
 }
 
 

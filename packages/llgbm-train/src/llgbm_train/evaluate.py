@@ -32,6 +32,7 @@ checkpoints beside an old report.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -376,7 +377,7 @@ def reference_results(
             else {
                 "path": str(oracle),
                 "step": getattr(best, "step", None),
-                "world_accuracy": best.accuracy,
+                "world_accuracy": None if best.accuracy != best.accuracy else best.accuracy,
             },
             "nearest": None,
             "methods": {},
@@ -433,13 +434,13 @@ def evaluate(
     key = reference_key(setup, task_list, conditions, items)
     refs = None if references is None else references.get(key)
     n_ref = 0 if refs is not None else sum(3 + (t.split == "heldout") for t in task_list)
+    final = None if out_dir is None else Path(out_dir) / EVAL_DIR
+    work = _fresh_dir(final) if final is not None else Path(tempfile.mkdtemp())
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_ref + len(task_list), desc="evaluate", unit="score")
-    final = None if out_dir is None else Path(out_dir) / EVAL_DIR
-    work = _fresh_dir(final) if final is not None else Path(tempfile.mkdtemp())
     try:
         if refs is None:
             refs = reference_results(setup, task_list, conditions, items, bar=bar)
@@ -481,6 +482,7 @@ def evaluate(
             "format": FORMAT,
             "checkpoint": checkpoint or {},
             "tasks_evaluated": which,
+            "eval_config": dataclasses.asdict(ec),
             "n_tasks": len(task_list),
             "scorer": "greedy exact match (llgbm_worlds.score)",
             "interval": f"95% percentile bootstrap over items within task ({ec.bootstrap} draws)",
@@ -525,7 +527,7 @@ def summarise(per_task: list[dict], *, n_boot: int, seed: int) -> dict[str, dict
     """Per group (held-out, each kind, seen) and method: accuracy, 95% CI, items, delta cos."""
     out: dict[str, dict[str, Any]] = {}
     for group in GROUPS:
-        rows = [r for r in per_task if _in_group(r, group)]
+        rows = [r for r in per_task if in_group(r, group)]
         if not rows:
             continue
         out[group] = {}
@@ -547,7 +549,8 @@ def summarise(per_task: list[dict], *, n_boot: int, seed: int) -> dict[str, dict
     return out
 
 
-def _in_group(row: dict, group: str) -> bool:
+def in_group(row: dict, group: str) -> bool:
+    """Whether a per-task row belongs to ``group`` (heldout, a kind, or seen)."""
     if group == "seen":
         return row["split"] == "train"
     if group == "heldout":
@@ -564,9 +567,15 @@ def _adapter_dir(root: Path, task: str) -> Path:
     return path
 
 
+def _check_ours(final: Path, marker: str) -> None:
+    if final.exists() and not (final / marker).is_file():
+        raise EvalError(f"{final}: exists and is not an evaluation directory; move it away")
+
+
 def _fresh_dir(final: Path) -> Path:
     """A new empty ``.<name>.<random>.tmp`` beside ``final`` (stale ones of ours removed)."""
     final = Path(final)
+    _check_ours(final, REPORT)  # refuse before the work, not after it
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -580,9 +589,8 @@ def _replace_dir(new: Path, final: Path, *, marker: str) -> None:
     ``final`` is refused, never deleted.
     """
     old = None
+    _check_ours(final, marker)
     if final.exists():
-        if not (final / marker).is_file():
-            raise EvalError(f"{final}: exists and is not an evaluation directory; move it away")
         old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
         os.rename(final, old)
     os.rename(new, final)

@@ -113,3 +113,38 @@ def print_summary(report: dict[str, Any], where: str = "") -> None:
     console = Console()
     # Piped output (logs, CI) has no terminal width to fit; keep the rows whole.
     (console if console.is_terminal else Console(width=120)).print(table)
+
+
+def print_experiment(results: dict[str, Any]) -> None:
+    """Generated adapters of every objective next to the oracle, per world: the closing table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ("heldout", "interpolated", "seen")
+    table = Table(title=f"experiment {results['name']}: accuracy % [95% CI] over seeds and items")
+    for h in ("world", "adapter", *(GROUP_LABELS[c] for c in cols)):
+        table.add_column(h, justify="left" if h in ("world", "adapter") else "right", no_wrap=True)
+
+    def cell(c):
+        if c is None:
+            return "—"
+        lo, hi = c["ci95"]
+        return f"{_fmt(c['accuracy'], True)} [{_fmt(lo, True)}, {_fmt(hi, True)}]"
+
+    for world, labels in results["results"].items():
+        objectives = {k: v for k, v in labels.items() if v["role"] == "objective"}
+        if not objectives:
+            continue
+        ref = next(iter(objectives.values()))["groups"]
+        for m in ("teacher", "mean_teachers", "nearest_teacher"):
+            table.add_row(world, LABELS[m], *(cell(ref.get(c, {}).get(m)) for c in cols))
+        for label, e in labels.items():
+            g = e["groups"]
+            table.add_row(
+                world,
+                f"{label} ({e['role']})",
+                *(cell(g.get(c, {}).get("generated")) for c in cols),
+            )
+        table.add_section()
+    console = Console()
+    (console if console.is_terminal else Console(width=140)).print(table)
