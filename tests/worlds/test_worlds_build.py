@@ -163,7 +163,10 @@ def test_disk_full_is_one_line_and_resumable(tmp_path, tiny_world_dir, monkeypat
 def test_bad_names_and_missing_worlds(tmp_path):
     with pytest.raises(UnknownNameError, match="valid kinds: tiny, smollm2"):
         build_world("huge", tmp_path / "x")
-    with pytest.raises(UnknownNameError, match="valid presets: default, test"):
+    with pytest.raises(
+        UnknownNameError,
+        match="valid presets: default, default-independent, test, test-independent",
+    ):
         build_world("tiny", tmp_path / "x", preset="bogus")
     with pytest.raises(WorldIncompleteError, match="llgbm world build tiny"):
         World.load(tmp_path / "nothing")

@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     wb.add_argument("--out", help="output directory (default: worlds/<kind>)")
     wb.add_argument("--preset", help="build preset (e.g. test: seconds, for the test suite)")
     wb.add_argument("--seed", type=int, default=0)
+    wb.add_argument("--init", help="teachers' LoRA init: shared | independent (default: preset's)")
     ws = wsub.add_parser("show", parents=[common], help="print a world's tasks and teachers")
     ws.add_argument("dir")
 
@@ -248,7 +249,9 @@ def cmd_world(args) -> int:
         if build_world is None:  # an llgbm_worlds without the top-level export
             from llgbm_worlds.build import build_world
         out = Path(args.out or f"worlds/{args.kind}")
-        build_world(args.kind, out, preset=args.preset, seed=args.seed, progress=True)
+        build_world(
+            args.kind, out, preset=args.preset, seed=args.seed, progress=True, init=args.init
+        )
         print(f"world: {out / 'world.json'}")
         return 0
     show_world = getattr(llgbm_worlds, "show_world", None)

@@ -113,10 +113,12 @@ def run_specs(
     return runs
 
 
-def _command(kind: str, out: Path, preset: str, seed: int) -> str:
+def _command(kind: str, out: Path, preset: Preset, seed: int) -> str:
     cmd = f"llgbm world build {kind} --out {shlex.quote(str(out))}"
-    if preset != "default":
-        cmd += f" --preset {preset}"
+    if preset.name != "default":
+        cmd += f" --preset {preset.name}"
+    if preset.zoo.init != get_preset(kind, preset.name).zoo.init:
+        cmd += f" --init {preset.zoo.init}"
     if seed:
         cmd += f" --seed {seed}"
     return cmd
@@ -124,14 +126,23 @@ def _command(kind: str, out: Path, preset: str, seed: int) -> str:
 
 def _start(out: Path, kind: str, preset: Preset, seed: int) -> None:
     """Record what is being built; refuse to mix two different builds in one directory."""
-    state = {"kind": kind, "preset": preset.name, "seed": seed}
+    state = {"kind": kind, "preset": preset.name, "seed": seed, "init": preset.zoo.init}
     for f in (out / "world.json", out / BUILD_STATE):
         if f.is_file():
             try:
                 old = read_json(f)
             except (OSError, ValueError):
                 continue
-            if {k: old.get(k) for k in state} != state:
+            # Builds from before the init was recorded drew one init per run.
+            old_init = old.get("init", "independent")
+            if old_init != state["init"]:
+                raise BuildError(
+                    f"{out}: holds a world whose teachers use zoo init {old_init!r}, this build "
+                    f"uses {state['init']!r}; use another --out or delete it"
+                )
+            if {k: old.get(k) for k in state if k != "init"} != {
+                k: v for k, v in state.items() if k != "init"
+            }:
                 raise BuildError(
                     f"{out}: holds a different world ({old.get('kind')}/{old.get('preset')}, "
                     f"seed {old.get('seed')}); use another --out or delete it"
@@ -140,7 +151,7 @@ def _start(out: Path, kind: str, preset: Preset, seed: int) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"{out}: cannot create world directory ({e.strerror or e})") from e
-    state["command"] = _command(kind, out, preset.name, seed)
+    state["command"] = _command(kind, out, preset, seed)
     write_json_atomic(out / BUILD_STATE, state)
 
 
@@ -235,11 +246,13 @@ def write_tasks(
     return rows
 
 
-def content_hash(base_sha: str, tasks: list[dict], teachers: list[dict], out: Path) -> str:
+def content_hash(
+    base_sha: str, tasks: list[dict], teachers: list[dict], out: Path, init: str
+) -> str:
     files = {
         t["name"]: [sha256_file(out / t["train"]), sha256_file(out / t["test"])] for t in tasks
     }
-    return sha256_json([base_sha, tasks, files, teachers])
+    return sha256_json([base_sha, tasks, files, teachers, init])
 
 
 def finish(
@@ -254,12 +267,16 @@ def finish(
     teachers: list[dict],
     timings: dict[str, float],
     extra: dict | None = None,
+    init: str | None = None,
 ) -> Path:
+    """Write world.json. ``init``: the teachers' LoRA init (default: the preset's zoo init)."""
+    init = init or preset.zoo.init
     manifest = {
         "format": FORMAT,
         "kind": kind,
         "preset": preset.name,
         "seed": seed,
+        "init": init,
         "base": base_rel,
         "base_sha256": base_sha,
         "created_with": versions(),
@@ -272,7 +289,7 @@ def finish(
         "tasks": tasks,
         "teachers": teachers,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "content_hash": content_hash(base_sha, tasks, teachers, out),
+        "content_hash": content_hash(base_sha, tasks, teachers, out, init),
     }
     write_json_atomic(out / "world.json", manifest)
     (out / BUILD_STATE).unlink(missing_ok=True)
@@ -296,19 +313,23 @@ def build_world(
     *,
     device: str | None = None,
     threads: int | None = None,
+    init: str | None = None,
 ) -> Path:
     """Build (or resume) the world ``kind`` ("tiny" | "smollm2") in ``out``; returns ``out``.
 
     A finished world is re-validated and left as it is. ``device``: where the zoo trains
     (default: cuda when available for smollm2, cpu for tiny). ``threads``: torch CPU threads
     during the build (restored after). CPU results are bitwise reproducible for the same
-    thread count, torch version and machine type.
+    thread count, torch version and machine type. ``init``: the zoo's LoRA init ("shared" |
+    "independent"; default: the preset's), recorded in world.json and its content hash.
     """
     if kind not in KINDS:
         raise UnknownNameError(
             f"unknown world kind {kind!r}; valid kinds: {', '.join(KINDS)} (hf worlds: import_hf)"
         )
     p = get_preset(kind, preset)
+    if init is not None:
+        p = p.with_init(init)
     out = Path(out)
     _start(out, kind, p, seed)
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python -m llgbm_worlds build tiny --out worlds/tiny            # the default tiny world
     python -m llgbm_worlds build tiny --out /tmp/w --preset test   # seconds; what tests use
+    python -m llgbm_worlds build tiny --out worlds/tiny-ind --init independent  # one init per run
     python -m llgbm_worlds show worlds/tiny
     python -m llgbm_worlds import-hf manifest.yaml --out worlds/mine
     python -m llgbm_worlds quality worlds/tiny                     # accuracy + delta silhouette
@@ -25,7 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build (or resume) a world: tiny | smollm2")
     b.add_argument("kind", help="world kind: tiny | smollm2")
     b.add_argument("--out", required=True, help="world directory to write")
-    b.add_argument("--preset", default=None, help="tiny: default | test; smollm2: default | smoke")
+    b.add_argument(
+        "--preset",
+        default=None,
+        help="tiny: default | test | default-independent | test-independent; "
+        "smollm2: default | smoke",
+    )
+    b.add_argument(
+        "--init",
+        default=None,
+        help="teachers' LoRA init: shared (one for the whole zoo) | independent (one per run); "
+        "default: the preset's",
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the base, items and teachers")
     b.add_argument("--device", default=None, help="torch device for training (default: auto)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -56,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             device=args.device,
             threads=args.threads,
+            init=args.init,
         )
         print(show_world(out))
     elif args.command == "show":

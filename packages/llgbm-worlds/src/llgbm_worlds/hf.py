@@ -177,5 +177,6 @@ def import_hf(manifest: str | Path, out: str | Path) -> Path:
         teachers=teachers,
         timings={},
         extra={"manifest": str(manifest.resolve())},
+        init="unknown",  # adapters brought in, not trained here
     )
     return out

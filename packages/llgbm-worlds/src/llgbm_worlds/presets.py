@@ -2,13 +2,14 @@
 
 ``default`` is the full tiny world (every family, the documented split, mixtures). ``test`` is a
 cut-down world built in well under a minute for test suites: same file layout, same code paths,
-small model, few teachers (its teachers are real but not accurate). ``smollm2`` presets train on
-the real SmolLM2-135M-Instruct (GPU work).
+small model, few teachers (its teachers are real but not accurate). Both start every teacher from
+one shared LoRA init; ``default-independent`` and ``test-independent`` are the same worlds with one
+init per run. ``smollm2`` presets train on the real SmolLM2-135M-Instruct (GPU work).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llgbm_worlds.errors import UnknownNameError
 from llgbm_worlds.families import FAMILIES
@@ -61,6 +62,10 @@ class Preset:
             if f not in self.families:
                 raise ValueError(f"preset {self.name}: held-out family {f!r} is not in families")
 
+    def with_init(self, init: str, name: str | None = None) -> Preset:
+        """The same preset with the zoo's LoRA init set to ``init`` (see world.INITS)."""
+        return replace(self, name=name or self.name, zoo=replace(self.zoo, init=init))
+
 
 TINY_PRESETS: dict[str, Preset] = {
     "default": Preset(
@@ -92,6 +97,11 @@ TINY_PRESETS: dict[str, Preset] = {
         zoo=ZooConfig(steps=16, lr=1e-2, batch=16, checkpoints=(8, 16)),
     ),
 }
+# The same worlds with one LoRA init per run: the unaligned zoo of adapters collected from the wild.
+for _name in ("default", "test"):
+    TINY_PRESETS[f"{_name}-independent"] = TINY_PRESETS[_name].with_init(
+        "independent", f"{_name}-independent"
+    )
 
 SMOLLM2_PRESETS: dict[str, Preset] = {
     "default": Preset(

@@ -43,7 +43,7 @@ def show_world(path: str | Path) -> str:
     """The world at ``path`` as a header line, a task table and a summary line."""
     w = World.load(path)
     out = [
-        f"world {w.root}  kind={w.kind}  preset={w.preset}  seed={w.seed}",
+        f"world {w.root}  kind={w.kind}  preset={w.preset}  seed={w.seed}  init={w.init}",
         f"base  {w.base_path}",
         f"hash  {w.content_hash[:16]}  created with "
         + ", ".join(f"{k} {v}" for k, v in w.created_with.items()),

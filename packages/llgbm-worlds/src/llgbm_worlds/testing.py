@@ -43,15 +43,17 @@ def default_root() -> Path:
     )
 
 
-def test_world(root: str | Path | None = None, *, seed: int = 0) -> Path:
-    """Directory of a built ``test``-preset tiny world under ``root`` (built on first use)."""
+def test_world(root: str | Path | None = None, *, seed: int = 0, preset: str = "test") -> Path:
+    """Directory of a built tiny world of ``preset`` (``test`` or ``test-independent``) under
+    ``root`` (built on first use)."""
     from llgbm_worlds.build import build_world
 
     root = Path(root) if root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
-    out = root / f"llgbm-test-world-{code_key()}-s{seed}"
+    suffix = "" if preset == "test" else f"-{preset}"
+    out = root / f"llgbm-test-world-{code_key()}-s{seed}{suffix}"
     with open(root / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "world.json").is_file():
-            build_world("tiny", out, preset="test", seed=seed, progress=False, threads=THREADS)
+            build_world("tiny", out, preset=preset, seed=seed, progress=False, threads=THREADS)
     return out

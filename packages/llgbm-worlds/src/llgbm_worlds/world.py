@@ -3,6 +3,7 @@
 world.json (format ``llgbm-world/1``; paths are relative to DIR)::
 
     {"format": "llgbm-world/1", "kind": "tiny", "preset": "default", "seed": 0,
+     "init": "shared",                                 # teachers' LoRA init: shared | independent
      "base": "base",                                   # HF model + tokenizer directory
      "created_with": {"llgbm-worlds": ..., "torch": ..., "transformers": ..., "peft": ...},
      "tasks": [{"name": "add_3", "family": "add", "param": "3", "split": "train",
@@ -33,6 +34,11 @@ BUILD_STATE = ".build.json"  # written when a build starts; names the command th
 SPLITS = ("train", "heldout")
 HELDOUT_KINDS = (None, "variant", "family")
 TEACHER_KINDS = ("single", "mixture")
+# How a zoo's teachers start. "shared": every teacher from one LoRA init drawn from the world seed
+# (A as PEFT draws it, B zero), so the zoo's weights share one coordinate system, as in DnD's zoo
+# (LLaMA-Factory's fixed seed). "independent": each run draws its own, as adapters collected from
+# the wild do. An hf world's imported adapters have init "unknown".
+INITS = ("shared", "independent")
 
 
 @dataclass
@@ -103,6 +109,9 @@ class World:
     created_with: dict[str, str]
     content_hash: str
     raw: dict[str, Any]  # the whole world.json, for fields this class does not model
+    # Teachers' LoRA init: "shared" (one init for the zoo), "independent" (one per run), or
+    # "unknown" (imported adapters).
+    init: str = "unknown"
 
     def task(self, name: str) -> TaskInfo:
         for t in self.tasks:
@@ -245,4 +254,16 @@ def _parse(root: Path, d: Any) -> World:
         created_with=dict(d.get("created_with", {})),
         content_hash=str(d.get("content_hash", "")),
         raw=d,
+        init=_init_of(d, kind, where),
     )
+
+
+def _init_of(d: dict, kind: str, where: str) -> str:
+    init = d.get("init")
+    if init is None:  # built before the init was recorded: every run drew its own
+        return "independent" if kind in ("tiny", "smollm2") else "unknown"
+    if init not in (*INITS, "unknown"):
+        raise ManifestError(
+            f"{where}: field 'init' must be one of {', '.join((*INITS, 'unknown'))}, got {init!r}"
+        )
+    return init

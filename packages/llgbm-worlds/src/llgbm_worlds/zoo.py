@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llgbm_worlds.data import collate, encode
-from llgbm_worlds.errors import BuildError
+from llgbm_worlds.errors import BuildError, UnknownNameError
 from llgbm_worlds.families import Example
 from llgbm_worlds.io import (
     fresh_tmp_dir,
@@ -31,6 +31,7 @@ from llgbm_worlds.io import (
     sha256_json,
     write_json_atomic,
 )
+from llgbm_worlds.world import INITS
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DONE = ".done.json"
@@ -54,8 +55,11 @@ class ZooConfig:
     heldout_splits: int = 1  # runs per held-out task (their teachers are oracles, not samples)
     mixture_splits: int = 1  # runs per mixture task
     eval_items: int = 0  # test items scored per checkpoint (0: all)
+    init: str = "shared"  # teachers' LoRA init: "shared" | "independent" (world.INITS says how)
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise UnknownNameError(f"unknown zoo init {self.init!r}; valid: {', '.join(INITS)}")
         if self.rank < 1:
             raise ValueError(f"rank: must be >= 1, got {self.rank}")
         if not self.checkpoints or any(not 0 < s <= self.steps for s in self.checkpoints):
@@ -102,7 +106,15 @@ def split_items(items: Sequence[Example], n_splits: int) -> list[list[Example]]:
 
 
 def run_seed(seed: int, task: str, data_split: int) -> int:
+    """Seed of one run's data order (and of its LoRA init when the init is independent)."""
     return int(sha256_json(["run", seed, task, data_split])[:8], 16)
+
+
+def init_seed(cfg: ZooConfig, seed: int, task: str, data_split: int) -> int:
+    """torch seed PEFT draws a run's LoRA init under: one per world (shared) or per run."""
+    if cfg.init == "shared":
+        return int(sha256_json(["lora-init", seed])[:8], 16)
+    return run_seed(seed, task, data_split)
 
 
 def train_run(
@@ -124,7 +136,7 @@ def train_run(
     """
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(run_seed(seed, run.task, run.data_split))
+    torch.manual_seed(init_seed(cfg, seed, run.task, run.data_split))
     rng = random.Random(run_seed(seed, run.task, run.data_split))
     model = get_peft_model(
         copy.deepcopy(base),

@@ -1,0 +1,94 @@
+"""The zoo's LoRA init: shared (one init for every teacher) or independent (one per run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from llgbm_worlds import World, build_world, show_world, testing
+from llgbm_worlds.cli import main
+from llgbm_worlds.errors import BuildError, UnknownNameError
+from llgbm_worlds.testing import THREADS
+
+
+def _a_cosines(world: World) -> dict[str, float]:
+    """Mean |cosine| of flattened A matrices between first checkpoints of different tasks."""
+    first = {}
+    for t in world.teachers:
+        key = (t.task, t.data_split)
+        if t.kind == "single" and (key not in first or t.step < first[key].step):
+            first[key] = t
+    teachers = list(first.values())
+    a = _flat_a([t.path for t in teachers])
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    cos = a @ a.T
+    other = [
+        abs(cos[i, j])
+        for i in range(len(teachers))
+        for j in range(len(teachers))
+        if teachers[i].task != teachers[j].task
+    ]
+    return {"different_tasks": float(np.mean(other))}
+
+
+def _flat_a(paths) -> np.ndarray:
+    """[n, n_A] A matrices only (flat_weights interleaves A and B per key)."""
+    from llgbm_flora import load_adapter
+
+    rows = []
+    for p in paths:
+        ad = load_adapter(p)
+        order = ad.spec.keys()  # LoraSpec.keys(): (layer, module) pairs in a stable order
+        rows.append(np.concatenate([ad.A[k].float().flatten().numpy() for k in order]))
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def independent_world_dir():
+    return testing.test_world(preset="test-independent")
+
+
+def test_init_is_recorded_shown_and_hashed(tiny_world_dir, independent_world_dir):
+    shared, indep = World.load(tiny_world_dir), World.load(independent_world_dir)
+    assert (shared.init, indep.init) == ("shared", "independent")
+    assert json.loads((tiny_world_dir / "world.json").read_text())["init"] == "shared"
+    assert "init=shared" in show_world(tiny_world_dir).splitlines()[0]
+    assert "init=independent" in show_world(independent_world_dir).splitlines()[0]
+    assert shared.content_hash != indep.content_hash
+    assert shared.raw["base_sha256"] == indep.raw["base_sha256"]  # same base, other zoo
+
+
+def test_shared_init_aligns_the_zoo(tiny_world, independent_world_dir):
+    # Teachers of different tasks start from one A in the shared zoo and stay near it; with one
+    # init per run their A's are unrelated random matrices (|cosine| ~ 1/sqrt(n_params)).
+    shared = _a_cosines(tiny_world)["different_tasks"]
+    indep = _a_cosines(World.load(independent_world_dir))["different_tasks"]
+    assert shared > 0.5
+    assert indep < 0.05
+
+
+def test_unknown_init_is_one_line_listing_valid_ones(tmp_path, capsys):
+    with pytest.raises(UnknownNameError, match="valid: shared, independent"):
+        build_world("tiny", tmp_path / "w", preset="test", init="aligned")
+    assert not (tmp_path / "w").exists()
+    rc = main(["build", "tiny", "--out", str(tmp_path / "w"), "--preset", "test", "--init", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "valid: shared, independent" in err
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_resuming_with_the_other_init_is_refused(tmp_path, tiny_world_dir, finished):
+    out = tmp_path / "w"
+    shutil.copytree(tiny_world_dir, out)
+    if not finished:  # a killed build: no world.json, its .build.json names the init
+        state = json.loads((out / "world.json").read_text())
+        (out / "world.json").unlink()
+        (out / ".build.json").write_text(
+            json.dumps({k: state[k] for k in ("kind", "preset", "seed", "init")})
+        )
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(BuildError, match="zoo init 'shared', this build uses 'independent'"):
+        build_world("tiny", out, preset="test", init="independent", threads=THREADS)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
