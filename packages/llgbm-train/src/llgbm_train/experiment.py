@@ -172,8 +172,23 @@ def runs_of(planned: list[PlannedRun], world: str, label: str) -> list[PlannedRu
 
 
 # running -----------------------------------------------------------------------------------------
+def _check_owner(run: PlannedRun) -> None:
+    """A stored run must have been made by this run's config (never silently mixed in)."""
+    from llgbm_train.runs import Run
+
+    if not (run.dir / "config.yaml").is_file():
+        return
+    have = Run.open(run.dir).config().hash
+    if have != run.cfg.hash:
+        raise ExperimentError(
+            f"{run.dir}: made by another config (hash {have}, the spec's {run.cfg.hash}); "
+            "remove it or give the experiment another out directory"
+        )
+
+
 def _finished_report(run: PlannedRun) -> dict[str, Any] | None:
     """The run's eval report if it is complete for this config, else None."""
+    _check_owner(run)
     path = run.dir / EVAL_DIR / REPORT
     if not path.is_file() or not (run.dir / "config.yaml").is_file():
         return None
@@ -229,13 +244,9 @@ def execute(run: PlannedRun, references: dict, *, progress: bool) -> tuple[dict,
     t0 = time.perf_counter()
     steps = run.cfg.training.steps
     setup = generator = None
+    _check_owner(run)
     if (run.dir / "config.yaml").is_file():
         existing = Run.open(run.dir)
-        if existing.config().hash != run.cfg.hash:
-            raise ExperimentError(
-                f"{run.dir}: made by another config (hash {existing.config().hash}, the spec's "
-                f"{run.cfg.hash}); remove it or give the experiment another out directory"
-            )
         if existing.checkpoints():
             setup = prepare(run.cfg, progress=progress)
             generator, step = load_trained(existing, setup)
