@@ -216,7 +216,7 @@ def test_heldout_tasks_never_reach_training(world_copy, tmp_path, monkeypatch):
         E.evaluate(setup, result.generator, progress=False)
     setup.data.tasks.pop()
     setup.data.prompts["x"] = [heldout[1].prompts("test")[0]]
-    with pytest.raises(E.EvalError, match="prompts are training conditions"):
+    with pytest.raises(E.EvalError, match="prompts are training conditions or probes"):
         E.evaluate(setup, result.generator, progress=False)
 
 

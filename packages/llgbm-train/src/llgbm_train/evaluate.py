@@ -134,7 +134,9 @@ def scored_items(setup: Setup, task) -> list:
 def check_data(setup: Setup, tasks: list, conditions: dict, items: dict) -> dict[str, int]:
     """The honesty checks on this evaluation's data; raises EvalError on a violation."""
     trained = set(setup.data.tasks)
-    train_prompts = {p for texts in setup.data.prompts.values() for p in texts}
+    probes = getattr(setup.data, "probes", {})  # task probes (behaviour targets), where used
+    seen_in_training = {p for texts in setup.data.prompts.values() for p in texts}
+    seen_in_training |= {p for texts in probes.values() for p in texts}
     heldout = [t for t in tasks if t.split == "heldout"]
     leaked = sorted(t.name for t in heldout if t.name in trained)
     if leaked:
@@ -143,14 +145,19 @@ def check_data(setup: Setup, tasks: list, conditions: dict, items: dict) -> dict
     for t in heldout:
         texts = set(t.prompts("train")) | set(t.prompts("test"))
         n_checked += len(texts)
-        if texts & train_prompts:
-            raise EvalError(f"held-out task {t.name}: its prompts are training conditions")
+        if texts & seen_in_training:
+            raise EvalError(
+                f"held-out task {t.name}: its prompts are training conditions or probes"
+            )
     for t in tasks:
-        overlap = set(conditions[t.name]) & {e.prompt for e in items[t.name]}
+        scored = {e.prompt for e in items[t.name]}
+        overlap = set(conditions[t.name]) & scored
         if overlap:
             raise EvalError(
                 f"task {t.name}: {len(overlap)} condition prompts are also scored items"
             )
+        if set(probes.get(t.name, ())) & scored:
+            raise EvalError(f"task {t.name}: some of its training probes are scored items")
     return {
         "heldout_tasks_in_training": 0,
         "heldout_prompts_checked_against_training": n_checked,
