@@ -34,7 +34,15 @@ def test_help_names_every_command():
     out = subprocess.run(
         [str(LLGBM), "--help"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    for cmd in ("verify", "train", "train-delta-only", "compute-deltas", "world", "evaluate"):
+    for cmd in (
+        "verify",
+        "train",
+        "train-delta-only",
+        "compute-deltas",
+        "world",
+        "evaluate",
+        "experiment",
+    ):
         assert cmd in out
 
 
