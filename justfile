@@ -37,3 +37,7 @@ compute-deltas *args:
 # Train a config from configs/ and evaluate it on held-out tasks: `just train delta_multi training.steps=50`.
 train config *args:
     uv run llgbm train configs/{{config}}.yaml {{args}}
+
+# Run an experiment spec (objectives x seeds x worlds + ablations) into docs/results.md; rerun to continue: `just experiment tiny`.
+experiment name="tiny" *args:
+    uv run llgbm experiment {{name}} {{args}}

@@ -34,7 +34,15 @@ def test_help_names_every_command():
     out = subprocess.run(
         [str(LLGBM), "--help"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    for cmd in ("verify", "train", "train-delta-only", "compute-deltas", "world", "evaluate"):
+    for cmd in (
+        "verify",
+        "train",
+        "train-delta-only",
+        "compute-deltas",
+        "world",
+        "evaluate",
+        "experiment",
+    ):
         assert cmd in out
 
 
@@ -43,39 +51,53 @@ def test_train_then_evaluate_end_to_end(test_world_config, test_world_dir, tmp_p
     from llgbm_worlds import World
 
     world = World.load(test_world_dir)
-    heldout = sorted(t.name for t in world.tasks if t.split == "heldout" and t.family != "mixture")
-    assert main(["train", str(test_world_config)]) == 0
+    singles = [t for t in world.tasks if t.family != "mixture"]
+    heldout = sorted(t.name for t in singles if t.split == "heldout")
+    seen = sorted(t.name for t in singles if t.split == "train")
+    assert main(["train", str(test_world_config), "eval.tasks=all"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "tiny"
-    for label in ("base", "mean of teachers", "oracle", "generated", "95% CI"):
+    # The closing table: held-out and seen rows, every method, the checkpoint it scored.
+    for label in ("held-out (", "seen (", "base", "mean of teachers", "oracle", "nearest"):
         assert label in out
+    assert "generated" in out and "95% CI" in out and "checkpoint step 4 of 4" in out
     report = json.loads((run / "eval" / "report.json").read_text())
-    assert set(report["summary"]) == {"base", "mean_teachers", "teacher", "generated"}
-    assert report["summary"]["teacher"]["delta_cos"] == pytest.approx(1.0)
-    assert sorted(r["task"] for r in report["per_task"]) == heldout
-    assert "| generated |" in (run / "eval" / "report.md").read_text()
-    assert sorted(p.name for p in (run / "adapters").iterdir()) == heldout
+    assert report["checkpoint"] == {"step": 4, "steps": 4}
+    assert set(report["summary"]) >= {"heldout", "seen", "new_symbol", "new_family"}
+    assert set(report["summary"]["heldout"]) == {
+        "base",
+        "teacher",
+        "mean_teachers",
+        "nearest_teacher",
+        "generated",
+    }
+    assert "nearest_teacher" not in report["summary"]["seen"]  # its own teacher: the oracle
+    assert report["summary"]["heldout"]["teacher"]["delta_cos"] == pytest.approx(1.0)
+    assert sorted(r["task"] for r in report["per_task"]) == sorted(heldout + seen)
+    md = (run / "eval" / "report.md").read_text()
+    assert "| held-out (2) | generated |" not in md  # 4 held-out tasks in the test world
+    assert "| held-out (4) | generated |" in md and "checkpoint step 4 of 4" in md
+    adapters = run / "eval" / "adapters"
+    assert sorted(p.name for p in adapters.iterdir()) == sorted(heldout + seen)
     from peft import PeftConfig
 
     teacher_r = PeftConfig.from_pretrained(str(world.teachers[0].path)).r
-    assert PeftConfig.from_pretrained(str(run / "adapters" / heldout[0])).r == teacher_r
+    assert PeftConfig.from_pretrained(str(adapters / heldout[0])).r == teacher_r
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
     # A second `train` of the same config never overwrites: it picks the next free name.
     assert main(["train", str(test_world_config), "training.steps=1", "--no-eval"]) == 0
     assert (tmp_path / "runs" / "tiny-2" / "config.yaml").is_file()
-    # `llgbm evaluate RUN` re-scores the saved run from its newest checkpoint.
-    (run / "eval" / "report.json").unlink()
-    assert main(["evaluate", str(run)]) == 0
+    # `llgbm evaluate RUN` re-scores the saved run from its newest checkpoint, identically.
+    assert main(["evaluate", str(run), "--tasks", "all"]) == 0
     again = json.loads((run / "eval" / "report.json").read_text())
-    assert again["summary"]["generated"] == report["summary"]["generated"]
-    # Seen tasks (scored on their unseen test items) get their own report; the held-out one stays.
+    assert again["summary"] == report["summary"]
+    # Only the train tasks: eval/ is replaced whole, no held-out adapter of the old one is left.
     assert main(["evaluate", str(run), "--tasks", "train"]) == 0
-    assert "report-train.md" in capsys.readouterr().out
-    seen = json.loads((run / "eval" / "report-train.json").read_text())
-    train = sorted(t.name for t in world.tasks if t.split == "train" and t.family != "mixture")
-    assert sorted(r["task"] for r in seen["per_task"]) == train
-    assert seen["tasks_evaluated"] == "train"
-    assert json.loads((run / "eval" / "report.json").read_text()) == again
+    assert "report.md" in capsys.readouterr().out
+    only_seen = json.loads((run / "eval" / "report.json").read_text())
+    assert sorted(r["task"] for r in only_seen["per_task"]) == seen
+    assert only_seen["tasks_evaluated"] == "train" and set(only_seen["summary"]) == {"seen"}
+    assert sorted(p.name for p in adapters.iterdir()) == seen
 
 
 def test_world_build_and_show(test_world_dir, tmp_path, capsys):

@@ -1,7 +1,9 @@
-"""The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate.
+"""The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate,
+experiment.
 
     llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
     llgbm evaluate runs/delta_multi
+    llgbm experiment tiny                                       # configs/experiments/tiny.yaml
 
 Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback); so does a
 failing file system (an unwritable ``runs_dir``). Overrides may come before or after options
@@ -104,15 +106,35 @@ def _parser() -> argparse.ArgumentParser:
     ws = wsub.add_parser("show", parents=[common], help="print a world's tasks and teachers")
     ws.add_argument("dir")
 
-    e = sub.add_parser("evaluate", help="evaluate a run on its held-out tasks")
+    e = sub.add_parser(
+        "evaluate", help="evaluate a run's newest checkpoint on held-out and seen tasks"
+    )
     e.add_argument("run", help="run directory, e.g. runs/delta_multi")
     e.add_argument(
         "--tasks",
         choices=["heldout", "train", "all"],
         default=None,
-        help="which tasks to score (default: the run's eval.tasks, normally heldout); "
-        "writes eval/report.md for heldout, eval/report-<tasks>.md otherwise",
+        help="which tasks to score (default: the run's eval.tasks); replaces eval/ (report.md, "
+        "report.json, adapters/) as a whole",
     )
+    x = sub.add_parser(
+        "experiment",
+        help="objectives x seeds x worlds (+ ablations), resumable; writes docs/results.md",
+        description="Run an experiment spec (configs/experiments/NAME.yaml): every objective "
+        "config x generator seed x world, plus its ablations. Finished runs are reused; rerun "
+        "after a kill to continue. Writes the spec's results.json and results.md.",
+    )
+    x.add_argument("spec", help="a name in configs/experiments/ (e.g. tiny) or a YAML path")
+    x.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for every run (they change the runs: use another --out)",
+    )
+    x.add_argument("--out", help="directory of the experiment's runs (default: the spec's)")
+    x.add_argument("--report", help="Markdown report path (default: the spec's)")
+    x.add_argument("--results", help="results JSON path (default: the spec's)")
+    x.add_argument("--plan", action="store_true", help="list the runs and which are done; run none")
     return p
 
 
@@ -156,7 +178,8 @@ def cmd_verify(args) -> int:
 def cmd_train(args) -> int:
     from llgbm_flora.names import check_name
 
-    from llgbm_train.evaluate import evaluate, print_summary
+    from llgbm_train.evaluate import evaluate
+    from llgbm_train.reports import print_summary
     from llgbm_train.runs import RunError, new_run_name, run_lock
     from llgbm_train.trainer import make_accelerator, train
 
@@ -195,7 +218,13 @@ def cmd_train(args) -> int:
                 print(f"run: {runs / name}  ({result.step} steps; last loss {last})")
             if result.stopped_early or args.no_eval or not acc.is_main_process:
                 return 0
-            report = evaluate(result.setup, result.generator, out_dir=runs / name, progress=True)
+            report = evaluate(
+                result.setup,
+                result.generator,
+                out_dir=runs / name,
+                checkpoint={"step": result.step, "steps": cfg.training.steps},
+                progress=True,
+            )
     except KeyboardInterrupt:
         if (runs / name / "config.yaml").is_file():
             again = f"llgbm {args.command} {args.config} --name {name} --resume"
@@ -203,7 +232,7 @@ def cmd_train(args) -> int:
         else:
             print("interrupted before the run started: rerun the same command", file=sys.stderr)
         return 130
-    print_summary(report)
+    print_summary(report, str(runs / name))
     print(f"report: {runs / name / 'eval' / 'report.md'}")
     return 0
 
@@ -253,13 +282,40 @@ def cmd_world(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from llgbm_train.evaluate import evaluate_run, print_summary, report_stem
+    from llgbm_train.evaluate import evaluate_run
+    from llgbm_train.reports import print_summary
     from llgbm_train.runs import run_lock
 
     with run_lock(args.run):
         report = evaluate_run(args.run, tasks=args.tasks)
-    print_summary(report)
-    print(f"report: {Path(args.run) / 'eval' / (report_stem(report['tasks_evaluated']) + '.md')}")
+    print_summary(report, args.run)
+    print(f"report: {Path(args.run) / 'eval' / 'report.md'}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    import dataclasses
+
+    from llgbm_train.experiment import load_spec, plan, run_experiment, run_state
+    from llgbm_train.reports import print_experiment
+
+    spec, path = load_spec(args.spec, tuple(args.overrides))
+    given = {"out": args.out, "report": args.report, "results": args.results}
+    spec = dataclasses.replace(spec, **{k: v for k, v in given.items() if v})
+    if args.plan:
+        runs = plan(spec)
+        for r in runs:
+            also = "".join(f", also {w}/{lab}" for w, lab in r.aliases)
+            print(f"{run_state(r):>9}  {r.dir}  ({r.cfg.training.steps} steps{also})")
+        print(f"{len(runs)} runs")
+        return 0
+    try:
+        results = run_experiment(spec, source=str(path))
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun `llgbm experiment {args.spec}` to continue", file=sys.stderr)
+        return 130
+    print_experiment(results)
+    print(f"report: {spec.report}  results: {spec.results}")
     return 0
 
 
@@ -270,6 +326,7 @@ COMMANDS = {
     "compute-deltas": cmd_compute_deltas,
     "world": cmd_world,
     "evaluate": cmd_evaluate,
+    "experiment": cmd_experiment,
 }
 
 
