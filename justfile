@@ -37,3 +37,7 @@ compute-deltas *args:
 # Train a config from configs/ and evaluate it on held-out tasks: `just train delta_multi training.steps=50`.
 train config *args:
     uv run llgbm train configs/{{config}}.yaml {{args}}
+
+# PNG figures of a run (curves, delta maps, accuracy bars) or a world: `just plots runs/delta_multi`.
+plots run *args:
+    uv run llgbm visualize "$@"
