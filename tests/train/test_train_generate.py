@@ -127,3 +127,16 @@ def test_bad_input_is_one_line_and_leaves_files_alone(
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     else:
         assert not out.exists()
+
+
+def test_help_names_generate_reproduce_visualize(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "reproduce", "visualize"):
+        assert f"    {cmd} " in out
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # whatever the terminal width
+    assert 'JSONL, one object per line with a "prompt" string' in text
