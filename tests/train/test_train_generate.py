@@ -38,7 +38,8 @@ def test_generated_dir_loads_with_peft_and_matches_the_functional_path(
     argv = ["generate", "--run", str(test_world_run), "--prompts", str(task.train_path)]
     assert main([*argv, "--out", str(out)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"adapter: {out}") and "4 of 64 prompts" in line
+    assert line.startswith(f"adapter: {out}")
+    assert f"4 of {len(task.prompts('train'))} prompts" in line
     rec = json.loads((out / "generation.json").read_text())
     assert rec["checkpoint"] == "step_000004.pt" and rec["seed"] == 0
     assert len(rec["prompts"]) == 4 and set(rec["prompts"]) <= set(task.prompts("train"))

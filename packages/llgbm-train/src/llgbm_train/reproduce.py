@@ -3,9 +3,9 @@
     llgbm reproduce runs/delta_multi             # re-evaluate the newest checkpoint
     llgbm reproduce runs/delta_multi --retrain   # retrain into a temporary run, then re-evaluate
 
-Re-evaluation rebuilds the run from its own ``config.yaml`` (same world, probes, eval seed),
-loads its newest checkpoint and evaluates it again for every ``eval/report*.json`` the run has,
-without writing into the run. ``--retrain`` trains the same config from scratch (one process) to
+Re-evaluation runs ``evaluate_run`` (the run's own ``config.yaml``: same world, probes, eval
+seed; its newest checkpoint) again for every ``eval/report*.json`` the run has, on a mirror of the
+run in a temporary directory, so nothing in the run is written. ``--retrain`` trains the same config from scratch (one process) to
 the newest checkpoint's step in a temporary run directory, compares ``metrics.jsonl`` record by
 record, then evaluates that generator and compares the reports.
 
@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,17 +171,40 @@ def saved_reports(run: Run) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _evaluate_like(
-    setup, generator, reports: dict[str, dict], tol: Tolerance, progress: bool
-) -> list[Comparison]:
-    from llgbm_train.evaluate import evaluate
+def _evaluate_again(run_dir: Path, reports: dict[str, dict], tol: Tolerance, progress: bool):
+    """``evaluate_run`` on ``run_dir`` for each saved report; each rewritten report compared."""
+    from llgbm_train.evaluate import evaluate_run
 
     out = []
     for name, saved in reports.items():
-        s = replace(setup, cfg=setup.cfg.override([f"eval.tasks={saved['tasks_evaluated']}"]))
-        got = evaluate(s, generator, out_dir=None, progress=progress)
-        out.append(compare_documents(f"eval/{name}", saved, got, tol))
+        evaluate_run(run_dir, tasks=saved["tasks_evaluated"], progress=progress)
+        path = run_dir / "eval" / name
+        if not path.is_file():
+            raise ReproduceError(
+                f"{name}: evaluation of {saved['tasks_evaluated']} wrote no {path}"
+            )
+        out.append(compare_documents(f"eval/{name}", saved, json.loads(path.read_text()), tol))
     return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:  # no symlinks here (some Windows setups)
+        shutil.copy2(src, dst)
+
+
+def mirror_run(run: Run, where: Path) -> Path:
+    """A run directory at ``where/<name>`` with the run's config, metadata, metrics and newest
+    checkpoint (linked, not copied) and nothing else: evaluating it writes only there."""
+    target = where / run.dir.name
+    (target / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metadata.json", "metrics.jsonl"):
+        if (run.dir / name).is_file():
+            shutil.copy2(run.dir / name, target / name)
+    newest = run.checkpoints()[-1]
+    _link_or_copy(newest, target / "checkpoints" / newest.name)
+    return target
 
 
 def _step(path: Path) -> int:
@@ -192,19 +217,20 @@ def _step(path: Path) -> int:
 def reproduce_evaluation(
     run_dir: str | Path, *, tol: Tolerance | None = None, progress: bool = True
 ) -> list[Comparison]:
-    """Evaluate the run's newest checkpoint again; compare with each saved report."""
-    from llgbm_train.evaluate import load_trained
-    from llgbm_train.trainer import prepare, resolve_device
+    """Evaluate the run's newest checkpoint again; compare with each saved report.
+
+    The evaluation is the public ``evaluate_run``, on a mirror of the run in a temporary
+    directory, so the run itself (its reports and adapters) is never rewritten.
+    """
+    from llgbm_train.trainer import resolve_device
 
     run = Run.open(run_dir)
     reports = saved_reports(run)
     if not run.checkpoints():
         raise ReproduceError(f"{run.dir}: no checkpoint to evaluate")
-    cfg = run.config()
-    tol = tol or Tolerance.default(resolve_device(cfg).type)
-    setup = prepare(cfg, device=resolve_device(cfg), progress=progress)
-    generator = load_trained(run, setup)
-    return _evaluate_like(setup, generator, reports, tol, progress)
+    tol = tol or Tolerance.default(resolve_device(run.config()).type)
+    with tempfile.TemporaryDirectory(prefix="llgbm-reproduce-") as tmp:
+        return _evaluate_again(mirror_run(run, Path(tmp)), reports, tol, progress)
 
 
 def reproduce_training(
@@ -226,14 +252,14 @@ def reproduce_training(
     reports = saved_reports(run) if list((run.dir / "eval").glob(REPORT_GLOB)) else {}
     cfg = run.config()
     tol = tol or Tolerance.default(resolve_device(cfg).type)
+    if out is not None and Path(out).exists():
+        raise ReproduceError(f"{out}: exists; --out must name a new directory")
     with tempfile.TemporaryDirectory(prefix="llgbm-reproduce-") as tmp:
         target = Path(out) if out is not None else Path(tmp) / run.dir.name
-        if target.exists():
-            raise ReproduceError(f"{target}: exists; --out must name a new directory")
-        result = train(cfg, target, stop_after=_step(ckpts[-1]), progress=progress)
+        train(cfg, target, stop_after=_step(ckpts[-1]), progress=progress)
         got = Run(target).read_metrics()
         comparisons = [compare_documents("metrics.jsonl", saved_metrics, got, tol)]
-        comparisons += _evaluate_like(result.setup, result.generator, reports, tol, progress)
+        comparisons += _evaluate_again(target, reports, tol, progress)
     return comparisons
 
 
