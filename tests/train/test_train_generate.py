@@ -141,3 +141,27 @@ def test_help_names_generate_reproduce_visualize(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # whatever the terminal width
     assert 'JSONL, one object per line with a "prompt" string' in text
+
+
+def test_a_run_whose_world_is_gone_is_one_line_for_every_command(test_world_run, tmp_path, capsys):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(test_world_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["world"]["dir"] = str(tmp_path / "gone")
+    cfg["world"]["build_if_missing"] = True  # even so: never rebuilt behind the user's back
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p {i}"}) + "\n" for i in range(4)))
+    for argv in (
+        ["generate", "--run", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "o")],
+        ["reproduce", str(run)],
+        ["visualize", str(run)],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {run}: its world {tmp_path / 'gone'} has no world.json " + (
+            f"(build or restore it, or fix world.dir in {run / 'config.yaml'})\n"
+        ), argv
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "o").exists()

@@ -115,6 +115,17 @@ def generate_adapter(setup, generator: torch.nn.Module, prompts: list[str]):
     return out.to(device="cpu", dtype=torch.float32)[0]
 
 
+def require_world(run: Run) -> None:
+    """The run's world must exist: rebuilding a missing one here (``world.build_if_missing``)
+    would take minutes and need not give the world the checkpoint was trained on."""
+    d = Path(run.config().world.dir)
+    if not (d / "world.json").is_file():
+        raise GenerateError(
+            f"{run.dir}: its world {d} has no world.json (build or restore it, or fix world.dir "
+            f"in {run.config_path})"
+        )
+
+
 def load_generator(run_dir: str | Path, *, progress: bool = True) -> LoadedGenerator:
     """Rebuild a run's world, encoder and generator from its config; load the newest checkpoint."""
     from llgbm_train.evaluate import load_trained
@@ -125,6 +136,7 @@ def load_generator(run_dir: str | Path, *, progress: bool = True) -> LoadedGener
     ckpts = run.checkpoints()
     if not ckpts:
         raise GenerateError(f"{run.dir}: no checkpoint (train the run first)")
+    require_world(run)
     setup = prepare(cfg, device=resolve_device(cfg), progress=progress)
     generator = load_trained(run, setup)
     return LoadedGenerator(run, setup, generator, ckpts[-1])
@@ -163,6 +175,7 @@ def generate_dir(
     # Every input is checked before the slow part (world, base model, checkpoint).
     run = Run.open(run_dir)
     n = run.config().generator.n_prompts
+    require_world(run)
     check_out_dir(out)
     prompts = read_prompts(prompts_file)
     chosen = condition_prompts(prompts, n, seed=seed, where=str(prompts_file))

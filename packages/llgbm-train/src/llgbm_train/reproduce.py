@@ -222,12 +222,14 @@ def reproduce_evaluation(
     The evaluation is the public ``evaluate_run``, on a mirror of the run in a temporary
     directory, so the run itself (its reports and adapters) is never rewritten.
     """
+    from llgbm_train.generate import require_world
     from llgbm_train.trainer import resolve_device
 
     run = Run.open(run_dir)
     reports = saved_reports(run)
     if not run.checkpoints():
         raise ReproduceError(f"{run.dir}: no checkpoint to evaluate")
+    require_world(run)
     tol = tol or Tolerance.default(resolve_device(run.config()).type)
     with tempfile.TemporaryDirectory(prefix="llgbm-reproduce-") as tmp:
         return _evaluate_again(mirror_run(run, Path(tmp)), reports, tol, progress)

@@ -154,7 +154,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
     from matplotlib.ticker import MaxNLocator
 
     if not records:
-        raise VisualizeError(f"{path.parent.parent}: metrics.jsonl has no records to plot")
+        raise VisualizeError(f"{path}: no metrics records to plot")
     keys = curve_terms(records)
     panels = [*keys, "loss", "schedule"]
     cols = 2 if len(panels) == 4 else min(3, len(panels))
@@ -400,9 +400,15 @@ def visualize(
 
 
 def _visualize_run(run: Run, out: Path, progress: bool) -> list[Path]:
+    from llgbm_train.generate import require_world
+
     cfg = run.config()
+    require_world(run)
+    records = run.read_metrics()
+    if not records:
+        raise VisualizeError(f"{run.metrics_path}: no records yet (train the run first)")
     name = run.dir.resolve().name
-    paths = [plot_curves(run.read_metrics(), out / "curves.png", title=f"{name}: training")]
+    paths = [plot_curves(records, out / "curves.png", title=f"{name}: training")]
     points = collect_deltas(cfg, generated_adapters(run), progress=progress)
     n_gen = points.role.count("generated")
     for m, label in (("pca", "PCA"), ("tsne", "t-SNE")):
