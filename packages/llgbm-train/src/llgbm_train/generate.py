@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,8 +184,6 @@ def generate_dir(
     chosen = condition_prompts(prompts, n, seed=seed, where=str(prompts_file))
     gen = load_generator(run.dir, progress=progress)
     adapter = gen.adapter(chosen)
-    check_out_dir(out)  # again: it may have appeared meanwhile
-    save_adapter(adapter, out)
     record = {
         "run": str(gen.run.dir),
         "checkpoint": gen.checkpoint.name,
@@ -195,5 +196,17 @@ def generate_dir(
         "rank": adapter.spec.rank,
         "target_modules": list(adapter.spec.target_modules),
     }
-    atomic_write_text(out / PROVENANCE, json.dumps(record, indent=2) + "\n")
+    check_out_dir(out)  # again: it may have appeared meanwhile
+    # Adapter and provenance appear together: built beside ``out``, then swapped in (an earlier
+    # output moved aside first), so a crash never leaves an adapter this command would refuse.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_adapter(adapter, staging / "new")
+        atomic_write_text(staging / "new" / PROVENANCE, json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            os.replace(out, staging / "old")
+        os.replace(staging / "new", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return record
