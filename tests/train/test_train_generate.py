@@ -65,6 +65,7 @@ def test_generated_dir_loads_with_peft_and_matches_the_functional_path(
     again = json.loads((out / "generation.json").read_text())
     assert again["seed"] == 1 and again["prompts"] != rec["prompts"]
     assert (out / "adapter_model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["gen"]  # no staging directory left behind
 
 
 def test_prompt_files_and_the_count_rule(tmp_path):

@@ -321,7 +321,7 @@ def plot_accuracy(report: dict[str, Any], path: Path, *, title: str = "") -> Pat
         s = report["summary"][m]
         acc, err = whiskers(s)
         left.bar(i, acc, yerr=err, capsize=4, color=_METHOD_COLORS.get(m, f"C{i}"))
-        _bar_label(left, i, acc, f"{acc:.1f}", 8)
+        _bar_label(left, i, acc + err[1][0], f"{acc:.1f}", 8)  # above the whisker
     left.set_xticks(
         range(len(methods)),
         [LABELS.get(m, m) for m in methods],
@@ -354,8 +354,8 @@ def plot_accuracy(report: dict[str, Any], path: Path, *, title: str = "") -> Pat
             color=_METHOD_COLORS.get(m, f"C{j}"),
         )
         if len(rows) <= 12:  # values readable; zero-height bars still show a number
-            for x, a in zip(xs, accs):
-                _bar_label(right, x, a, f"{a:.0f}", 6)
+            for x, a, h in zip(xs, accs, hi):
+                _bar_label(right, x, a + h, f"{a:.0f}", 6)
     labels = [
         r["task"] + (f"\n({r['heldout_kind']})" if r.get("heldout_kind") else "") for r in rows
     ]
@@ -369,7 +369,7 @@ def plot_accuracy(report: dict[str, Any], path: Path, *, title: str = "") -> Pat
     right.set_title("per task", fontsize=9)
     right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax in (left, right):
-        ax.set_ylim(0, 105)
+        ax.set_ylim(0, 110)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title or f"accuracy on {report['tasks_evaluated']} tasks")
     return _save(fig, path)
