@@ -41,3 +41,7 @@ train config *args:
 # Run an experiment spec (objectives x seeds x worlds + ablations) into docs/results.md; rerun to continue: `just experiment tiny`.
 experiment name="tiny" *args:
     uv run llgbm experiment {{name}} {{args}}
+
+# PNG figures of a run (curves, delta maps, accuracy bars) or a world: `just plots runs/delta_multi`.
+plots run *args:
+    uv run llgbm visualize "$@"

@@ -40,3 +40,17 @@ def test_world_dir() -> Path:
 
     torch.manual_seed(0)
     return test_world()
+
+
+@pytest.fixture(scope="session")
+def test_world_run(test_world_dir, tmp_path_factory) -> Path:
+    """A short run on the test world, trained and evaluated like `llgbm train`. Read-only: copy it
+    (shutil.copytree) before changing anything."""
+    from llgbm_train.evaluate import evaluate
+    from llgbm_train.trainer import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = small_config(test_world_dir, runs, "training.steps=4")
+    result = train(cfg, runs / "tiny", progress=False)
+    evaluate(result.setup, result.generator, out_dir=runs / "tiny", progress=False)
+    return runs / "tiny"

@@ -1,9 +1,12 @@
 """The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate,
-experiment.
+experiment, generate, reproduce, visualize.
 
     llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
     llgbm evaluate runs/delta_multi
     llgbm experiment tiny                                       # configs/experiments/tiny.yaml
+    llgbm generate --run runs/delta_multi --prompts task.jsonl --out adapters/task
+    llgbm reproduce runs/delta_multi                            # exit 0 agree, 1 disagree
+    llgbm visualize runs/delta_multi                            # PNGs in runs/delta_multi/plots
 
 Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback); so does a
 failing file system (an unwritable ``runs_dir``). Overrides may come before or after options
@@ -135,7 +138,71 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--report", help="Markdown report path (default: the spec's)")
     x.add_argument("--results", help="results JSON path (default: the spec's)")
     x.add_argument("--plan", action="store_true", help="list the runs and which are done; run none")
+    _add_generate(sub)
+    _add_reproduce(sub)
+    _add_visualize(sub)
     return p
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser(
+        "generate",
+        help="a task's prompts -> a PEFT adapter directory, with a trained run",
+        description="Generate a LoRA adapter for a task from its prompts with a run's newest "
+        "checkpoint; the directory loads with PeftModel.from_pretrained(base, DIR) on the "
+        "run's world base.",
+        epilog='PROMPTS: JSONL, one object per line with a "prompt" string, the full prompt '
+        "text framed like the world's tasks/<task>/train.jsonl (which works as it is; other "
+        "fields are ignored). The generator reads exactly generator.n_prompts (N) prompts: N "
+        "are used in file order, more are drawn (N, without replacement, by --seed), fewer "
+        "are an error.",
+    )
+    g.add_argument("--run", required=True, help="run directory, e.g. runs/delta_multi")
+    g.add_argument("--prompts", required=True, metavar="FILE.jsonl", help="the task's prompts")
+    g.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="adapter directory to write: new, empty, or an earlier `llgbm generate` output",
+    )
+    g.add_argument("--seed", type=int, default=0, help="draw of N prompts from a longer file")
+
+
+def _add_reproduce(sub) -> None:
+    r = sub.add_parser(
+        "reproduce",
+        help="re-evaluate (or --retrain) a run and compare with its saved numbers",
+        description="Rebuild a run from its config.yaml, evaluate its newest checkpoint again "
+        "and compare every number of each eval/report*.json (nothing in the run is written). "
+        "Exit 0 and 'agree: ...' when all match, 1 and 'disagree: ...' naming the first "
+        "differing value otherwise.",
+        epilog="Tolerance: exact on CPU (deterministic for a fixed config, seed, CPU and thread "
+        "count; another thread count changes float sums at the 1e-6 level, which the verdict "
+        "names as float noise); rtol 1e-4, atol 1e-6 on CUDA, whose reductions are not "
+        "bitwise reproducible.",
+    )
+    r.add_argument("run", help="run directory, e.g. runs/delta_multi")
+    r.add_argument(
+        "--retrain",
+        action="store_true",
+        help="also retrain from scratch (one process, to the newest checkpoint's step) and "
+        "compare metrics.jsonl, then evaluate the retrained generator",
+    )
+    r.add_argument("--out", metavar="DIR", help="keep the retrained run here (default: temporary)")
+    r.add_argument("--rtol", type=float, help="relative tolerance (default: see below)")
+    r.add_argument("--atol", type=float, help="absolute tolerance (default: see below)")
+
+
+def _add_visualize(sub) -> None:
+    v = sub.add_parser(
+        "visualize",
+        help="PNG figures of a run or a world: curves, delta maps, accuracy bars",
+        description="Run: training curves next to their trivial baselines, PCA and t-SNE maps "
+        "of teacher and generated deltas (coloured by family, marked by split), accuracy per "
+        "method with 95%% intervals. World: its teachers' delta maps.",
+    )
+    v.add_argument("target", metavar="RUN|WORLD", help="run directory or world directory")
+    v.add_argument("--out", metavar="DIR", help="output directory (default: RUN/plots)")
 
 
 def _load(config: str, overrides: list[str]):
@@ -319,6 +386,48 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from llgbm_train.generate import generate_dir
+
+    rec = generate_dir(args.run, args.prompts, args.out, seed=args.seed)
+    print(
+        f"adapter: {args.out}  (rank {rec['rank']}, {', '.join(rec['target_modules'])}; "
+        f"{len(rec['prompts'])} of {rec['n_in_file']} prompts; {rec['run']} {rec['checkpoint']})"
+    )
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from llgbm_train.reproduce import (
+        ReproduceError,
+        Tolerance,
+        reproduce_evaluation,
+        reproduce_training,
+        verdict,
+    )
+
+    if args.out and not args.retrain:
+        raise ReproduceError("--out: only with --retrain (where to keep the retrained run)")
+    tol = None
+    if args.rtol is not None or args.atol is not None:
+        tol = Tolerance(rtol=args.rtol or 0.0, atol=args.atol or 0.0)
+    if args.retrain:
+        comparisons = reproduce_training(args.run, tol=tol, out=args.out)
+    else:
+        comparisons = reproduce_evaluation(args.run, tol=tol)
+    ok, line = verdict(comparisons)
+    print(line)
+    return 0 if ok else 1
+
+
+def cmd_visualize(args) -> int:
+    from llgbm_train.visualize import visualize
+
+    for path in visualize(args.target, args.out):
+        print(path)
+    return 0
+
+
 COMMANDS = {
     "verify": cmd_verify,
     "train": cmd_train,
@@ -327,6 +436,9 @@ COMMANDS = {
     "world": cmd_world,
     "evaluate": cmd_evaluate,
     "experiment": cmd_experiment,
+    "generate": cmd_generate,
+    "reproduce": cmd_reproduce,
+    "visualize": cmd_visualize,
 }
 
 
