@@ -52,5 +52,11 @@ def test_world_run(test_world_dir, tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     cfg = small_config(test_world_dir, runs, "training.steps=4")
     result = train(cfg, runs / "tiny", progress=False)
-    evaluate(result.setup, result.generator, out_dir=runs / "tiny", progress=False)
+    evaluate(
+        result.setup,
+        result.generator,
+        out_dir=runs / "tiny",
+        checkpoint={"step": result.step, "steps": cfg.training.steps},
+        progress=False,
+    )
     return runs / "tiny"

@@ -41,7 +41,7 @@ def test_generated_dir_loads_with_peft_and_matches_the_functional_path(
     assert line.startswith(f"adapter: {out}")
     assert f"4 of {len(task.prompts('train'))} prompts" in line
     rec = json.loads((out / "generation.json").read_text())
-    assert rec["checkpoint"] == "step_000004.pt" and rec["seed"] == 0
+    assert rec["checkpoint"] == "step_000004.safetensors" and rec["seed"] == 0
     assert len(rec["prompts"]) == 4 and set(rec["prompts"]) <= set(task.prompts("train"))
 
     # The functional path: the generator's in-memory LoraAdapter for the same prompts.

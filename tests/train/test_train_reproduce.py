@@ -98,7 +98,7 @@ def test_retrain_reproduces_metrics_exactly_and_catches_a_changed_record(test_wo
     assert report.name == "eval/report.json" and report.agrees
     ok, line = verdict(comparisons)
     assert not ok and line.startswith("disagree: metrics.jsonl [step=2].loss_d: saved")
-    assert (tmp_path / "again" / "checkpoints" / "step_000004.pt").is_file()
+    assert (tmp_path / "again" / "checkpoints" / "step_000004.safetensors").is_file()
 
 
 @pytest.mark.parametrize(

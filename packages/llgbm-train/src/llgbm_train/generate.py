@@ -141,7 +141,7 @@ def load_generator(run_dir: str | Path, *, progress: bool = True) -> LoadedGener
         raise GenerateError(f"{run.dir}: no checkpoint (train the run first)")
     require_world(run)
     setup = prepare(cfg, device=resolve_device(cfg), progress=progress)
-    generator = load_trained(run, setup)
+    generator, _ = load_trained(run, setup)
     return LoadedGenerator(run, setup, generator, ckpts[-1])
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -208,10 +207,12 @@ def mirror_run(run: Run, where: Path) -> Path:
 
 
 def _step(path: Path) -> int:
-    m = re.search(r"step_(\d+)\.pt$", path.name)
-    if m is None:
-        raise ReproduceError(f"{path}: not a checkpoint name (step_NNNNNN.pt)")
-    return int(m.group(1))
+    from llgbm_train.runs import SUFFIX, checkpoint_step
+
+    step = checkpoint_step(path)
+    if step is None:
+        raise ReproduceError(f"{path}: not a checkpoint name (step_NNNNNN{SUFFIX})")
+    return step
 
 
 def reproduce_evaluation(

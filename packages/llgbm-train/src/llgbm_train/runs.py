@@ -54,6 +54,12 @@ class CheckpointWarning(UserWarning):
 
 _CKPT = re.compile(rf"^step_(\d{{6,}}){re.escape(SUFFIX)}$")
 _PICKLE_CKPT = re.compile(r"^step_(\d{6,})\.pt$")  # written by llgbm-train before 0.1
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step in a checkpoint file name (``step_000100.safetensors`` -> 100), else None."""
+    m = _CKPT.match(Path(path).name)
+    return None if m is None else int(m.group(1))
 _PACKAGES = (
     "llgbm-train",
     "llgbm-flora",

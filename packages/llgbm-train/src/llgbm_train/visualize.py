@@ -305,60 +305,49 @@ def _bar_label(ax, x: float, y: float, text: str, size: int) -> None:
 
 
 def plot_accuracy(report: dict[str, Any], path: Path, *, title: str = "") -> Path:
-    """Pooled accuracy per method (95% CI whiskers) and the same per task."""
-    from llgbm_train.evaluate import LABELS
+    """Pooled accuracy per group (held-out, each kind, seen) and method with 95% CI whiskers,
+    and per task (point estimates: the report's intervals are per group)."""
+    from llgbm_train.evaluate import LABELS, METHODS
 
-    methods = list(report["summary"])
-    rows = sorted(report["per_task"], key=lambda r: (str(r.get("heldout_kind")), r["task"]))
+    groups = [g for g in report["summary"] if report["summary"][g]]
+    methods = [m for m in METHODS if any(m in report["summary"][g] for g in groups)]
+    rows = sorted(report["per_task"], key=lambda r: (r["split"], str(r.get("kind")), r["task"]))
     fig = _figure(4.0 + max(6.0, 0.55 * len(rows) * len(methods) / 2), 4.6)
-    left, right = fig.subplots(1, 2, width_ratios=[1, max(2.0, len(rows) / 2.5)])
-
-    def whiskers(s):
-        acc, (lo, hi) = s["accuracy"], s["ci95"]
-        return 100 * acc, [[100 * max(acc - lo, 0.0)], [100 * max(hi - acc, 0.0)]]
-
-    for i, m in enumerate(methods):
-        s = report["summary"][m]
-        acc, err = whiskers(s)
-        left.bar(i, acc, yerr=err, capsize=4, color=_METHOD_COLORS.get(m, f"C{i}"))
-        _bar_label(left, i, acc + err[1][0], f"{acc:.1f}", 8)  # above the whisker
-    left.set_xticks(
-        range(len(methods)),
-        [LABELS.get(m, m) for m in methods],
-        rotation=25,
-        ha="right",
-        fontsize=8,
+    left, right = fig.subplots(
+        1, 2, width_ratios=[max(1.0, len(groups) / 2), max(2.0, len(rows) / 2.5)]
     )
-    n_items = max((report["summary"][m].get("n_items") or 0) for m in methods)
-    left.set_title(f"pooled over {report['n_tasks']} tasks ({n_items} items)", fontsize=9)
-    left.set_ylabel("accuracy % (greedy exact match, 95% bootstrap CI)")
-    width = 0.8 / len(methods)
+    width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         xs, accs, lo, hi = [], [], [], []
+        for i, g in enumerate(groups):
+            s = report["summary"][g].get(m)
+            if s is None or s["accuracy"] != s["accuracy"]:
+                continue
+            acc, (a, b) = 100 * s["accuracy"], s["ci95"]
+            xs.append(i - 0.4 + width * (j + 0.5))
+            accs.append(acc)
+            lo.append(max(acc - 100 * a, 0.0))
+            hi.append(max(100 * b - acc, 0.0))
+        left.bar(xs, accs, width, yerr=[lo, hi], capsize=3, label=LABELS.get(m, m),
+                 color=_METHOD_COLORS.get(m, f"C{j}"))  # fmt: skip
+        for x, a, h in zip(xs, accs, hi):
+            _bar_label(left, x, a + h, f"{a:.0f}", 6)  # above the whisker
+    left.set_xticks(range(len(groups)), groups, rotation=25, ha="right", fontsize=8)
+    left.set_title("pooled over tasks and items", fontsize=9)
+    left.set_ylabel("accuracy % (greedy exact match, 95% bootstrap CI)")
+    for j, m in enumerate(methods):
+        xs, accs = [], []
         for i, r in enumerate(rows):
             s = r["methods"].get(m)
             if s is None or s["accuracy"] != s["accuracy"]:
                 continue
-            acc, err = whiskers(s)
             xs.append(i - 0.4 + width * (j + 0.5))
-            accs.append(acc)
-            lo.append(err[0][0])
-            hi.append(err[1][0])
-        right.bar(
-            xs,
-            accs,
-            width,
-            yerr=[lo, hi],
-            capsize=2,
-            label=LABELS.get(m, m),
-            color=_METHOD_COLORS.get(m, f"C{j}"),
-        )
+            accs.append(100 * s["accuracy"])
+        right.bar(xs, accs, width, label=LABELS.get(m, m), color=_METHOD_COLORS.get(m, f"C{j}"))
         if len(rows) <= 12:  # values readable; zero-height bars still show a number
-            for x, a, h in zip(xs, accs, hi):
-                _bar_label(right, x, a + h, f"{a:.0f}", 6)
-    labels = [
-        r["task"] + (f"\n({r['heldout_kind']})" if r.get("heldout_kind") else "") for r in rows
-    ]
+            for x, a in zip(xs, accs):
+                _bar_label(right, x, a, f"{a:.0f}", 6)
+    labels = [r["task"] + (f"\n({r['kind']})" if r.get("kind") else "") for r in rows]
     right.set_xticks(
         range(len(rows)),
         labels,
@@ -371,7 +360,9 @@ def plot_accuracy(report: dict[str, Any], path: Path, *, title: str = "") -> Pat
     for ax in (left, right):
         ax.set_ylim(0, 110)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(title or f"accuracy on {report['tasks_evaluated']} tasks")
+    step = (report.get("checkpoint") or {}).get("step")
+    at = f", checkpoint step {step}" if step is not None else ""
+    fig.suptitle(title or f"accuracy on {report['tasks_evaluated']} tasks{at}")
     return _save(fig, path)
 
 
