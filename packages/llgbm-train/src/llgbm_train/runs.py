@@ -60,6 +60,8 @@ def checkpoint_step(path: str | Path) -> int | None:
     """The step in a checkpoint file name (``step_000100.safetensors`` -> 100), else None."""
     m = _CKPT.match(Path(path).name)
     return None if m is None else int(m.group(1))
+
+
 _PACKAGES = (
     "llgbm-train",
     "llgbm-flora",
