@@ -134,9 +134,9 @@ class BehaviourConfig(_Section):
     so every objective sees the same conditions."""
 
     section: ClassVar[str] = "behaviour"
-    probes: str = (
-        "task"  # task (own task's probe pool) | generic | math | code | commonsense | FILE
-    )
+    # task (the sample's own task's probe pool) | world (probes of every train task, shared) |
+    # generic | math | code | commonsense | FILE (one llgbm-delta probe set for every sample)
+    probes: str = "task"
     positions: Literal["last", "answer"] = "answer"  # last prompt token, or every answer position
     layers: tuple[int, ...] = (-1,)  # hidden-state layers of the behaviour delta (-1: last)
     n_probes: int = 16  # task probes per task (the first n of its probe pool)

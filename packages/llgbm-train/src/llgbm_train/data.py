@@ -252,14 +252,23 @@ def behaviour_cache_dir(cfg: Config) -> Path:
 
 
 def behaviour_probe_sets(cfg: Config, data: TrainData) -> list:
-    """The probe set of each sample: its task's first n probes, or one shared set for all."""
+    """The probe set of each sample.
+
+    task: its own task's first n probes. world: n probes taken round-robin from every train
+    task's probe pool, the same set for every sample (the world's domain of prompts). Any other
+    name: that llgbm-delta probe set (generic, a domain, a file), the same for every sample.
+    """
     from llgbm_delta import ProbeSet
 
     name = cfg.behaviour.probes
+    n = cfg.behaviour.n_probes
+    if name == "world":
+        tasks = sorted(data.probes)
+        texts = [data.probes[t][i] for i in range(n) for t in tasks if i < len(data.probes[t])]
+        return [ProbeSet("world", tuple(texts[:n]))] * len(data)
     if name != "task":
         shared = load_probes(replace(cfg, probe=replace(cfg.probe, set=name)))
         return [shared] * len(data)
-    n = cfg.behaviour.n_probes
     sets = {}
     for task, texts in data.probes.items():
         if len(texts) < n:
