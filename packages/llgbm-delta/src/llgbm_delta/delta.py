@@ -145,6 +145,31 @@ def backbone_of(model: nn.Module) -> nn.Module:
     return base if isinstance(base, nn.Module) else model
 
 
+def backbone_forward(
+    model: nn.Module,
+    inputs: dict[str, Tensor],
+    lora: LoraAdapter | LoraBatch | None,
+    *,
+    hidden_states: bool,
+    adapter_chunk_size: int | None = None,
+    gradient_checkpointing: bool = False,
+):
+    """The backbone's output on `inputs`, with `lora` applied functionally (None: the base)."""
+    backbone = backbone_of(model)
+    kwargs = dict(inputs, use_cache=False)
+    if hidden_states:
+        kwargs["output_hidden_states"] = True
+    if lora is None:
+        return backbone(**kwargs)
+    return functional_forward(
+        backbone,
+        lora,
+        adapter_chunk_size=adapter_chunk_size,
+        gradient_checkpointing=gradient_checkpointing,
+        **kwargs,
+    )
+
+
 def _hidden(
     model: nn.Module,
     inputs: dict[str, Tensor],
@@ -154,20 +179,14 @@ def _hidden(
     gradient_checkpointing: bool,
 ) -> Tensor:
     """The hidden state the spec selects. -> [B, T, H] (model dtype)."""
-    backbone = backbone_of(model)
-    kwargs = dict(inputs, use_cache=False)
-    if spec.layer != -1:
-        kwargs["output_hidden_states"] = True
-    if lora is None:
-        out = backbone(**kwargs)
-    else:
-        out = functional_forward(
-            backbone,
-            lora,
-            adapter_chunk_size=adapter_chunk_size,
-            gradient_checkpointing=gradient_checkpointing,
-            **kwargs,
-        )
+    out = backbone_forward(
+        model,
+        inputs,
+        lora,
+        hidden_states=spec.layer != -1,
+        adapter_chunk_size=adapter_chunk_size,
+        gradient_checkpointing=gradient_checkpointing,
+    )
     if spec.layer == -1:
         return out.last_hidden_state
     n = len(out.hidden_states)

@@ -131,10 +131,46 @@ class DeltaConfig(_Section):
 
 
 @dataclass(frozen=True)
+class BehaviourConfig(_Section):
+    """Behaviour targets (llgbm_delta.behaviour): used when training.delta_target is behaviour
+    or training.lambda_kl > 0. Each train task's train items are split once into a condition
+    pool (what the generator reads) and a probe pool (its task probes), whatever the objective,
+    so every objective sees the same conditions."""
+
+    section: ClassVar[str] = "behaviour"
+    # task (the sample's own task's probe pool) | world (probes of every train task, shared) |
+    # generic | math | code | commonsense | FILE (one llgbm-delta probe set for every sample)
+    probes: str = "task"
+    positions: Literal["last", "answer"] = "answer"  # last prompt token, or every answer position
+    layers: tuple[int, ...] = (-1,)  # hidden-state layers of the behaviour delta (-1: last)
+    n_probes: int = 16  # task probes per task (the first n of its probe pool)
+    probes_per_step: int | None = None  # probes per sample and step, drawn anew (None: all)
+    max_answer_tokens: int = 12  # greedy teacher answer length cap (positions=answer)
+    top_k: int | None = None  # teacher distribution kept: None full vocabulary, k the top k
+    probe_share: float = 0.5  # share of each task's train items that form its probe pool
+    cache_dir: str | None = None  # BehaviourCache directory (None: <world dir>/behaviour_cache)
+    adapters_per_batch: int = 16  # teacher adapters per forward when filling the cache
+
+    def validate(self) -> None:
+        s = self.section
+        for name in ("n_probes", "max_answer_tokens", "adapters_per_batch"):
+            _check_range(s, name, getattr(self, name), lo=1)
+        if self.probes_per_step is not None:
+            _check_range(s, "probes_per_step", self.probes_per_step, lo=1, hi=self.n_probes)
+        if self.top_k is not None:
+            _check_range(s, "top_k", self.top_k, lo=1)
+        _check_range(s, "probe_share", self.probe_share, lo=0.0, hi=1.0, lo_open=True)
+        if self.probe_share >= 1.0:
+            raise ConfigError(f"{s}.probe_share: {self.probe_share} leaves no condition prompts")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{s}.layers: must be a non-empty list without repeats")
+
+
+@dataclass(frozen=True)
 class GeneratorConfig(_Section):
     section: ClassVar[str] = "generator"
     kind: Literal["dnd", "t2l"] = "t2l"  # DnD hyper-convolutional decoder or T2L-style heads
-    encoder: Literal["sbert", "light"] = "light"  # condition encoder
+    encoder: Literal["sbert", "light", "base"] = "light"  # condition encoder (base: the frozen LLM)
     n_prompts: int = 8  # N prompts per condition
     max_tokens: int = 64  # tokens per prompt seen by the encoder
     slab_width: int = 128  # width of the normalised weight tokens (DnD: 128/256/512)
@@ -164,7 +200,16 @@ class TrainingConfig(_Section):
     lambda_d_schedule: Literal["constant", "linear", "cosine"] = "linear"
     lambda_d_warmup: int = 0  # steps to ramp lambda_d from lambda_d_start
     lambda_d_start: float = 0.0
-    weight_space: Literal["token", "delta_w"] = "token"  # weight-loss space
+    weight_space: Literal["token", "delta_w", "delta_w_rel"] = "token"  # weight-loss space
+    # What L_delta matches: the paper's pooled delta (probe, delta sections) or the behaviour
+    # targets' per-position, per-layer deltas (behaviour section).
+    delta_target: Literal["paper", "behaviour"] = "paper"
+    # Output-level behaviour: forward KL(teacher || generated) of next-token distributions at
+    # the behaviour positions, weighted by lambda_kl(step) (0: off).
+    lambda_kl: float = 0.0
+    lambda_kl_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lambda_kl_warmup: int = 0  # steps to ramp lambda_kl from lambda_kl_start
+    lambda_kl_start: float = 0.0
     delta_loss: Literal["mse", "cosine", "combined"] = "combined"
     cos_weight: float = 0.5  # cosine share of the combined delta loss
     delta_scale: float | None = None  # divide deltas by this (None: RMS of the teacher deltas)
@@ -184,6 +229,12 @@ class TrainingConfig(_Section):
             _check_range(s, name, getattr(self, name), lo=0)
         for name in ("lambda_d_warmup", "lambda_d_start", "norm_penalty", "cond_noise"):
             _check_range(s, name, getattr(self, name), lo=0)
+        for name in ("lambda_kl", "lambda_kl_warmup", "lambda_kl_start"):
+            _check_range(s, name, getattr(self, name), lo=0)
+        if self.objective == "delta_only" and self.lambda_d == 0 and self.lambda_kl == 0:
+            raise ConfigError(
+                f"{s}.objective: delta_only needs a behaviour term (lambda_d > 0 or lambda_kl > 0)"
+            )
         _check_range(s, "min_lr_ratio", self.min_lr_ratio, lo=0, hi=1)
         _check_range(s, "cos_weight", self.cos_weight, lo=0, hi=1)
         if self.delta_scale is not None:
@@ -210,6 +261,7 @@ SECTIONS: dict[str, type] = {
     "lora": LoraConfig,
     "probe": ProbeConfig,
     "delta": DeltaConfig,
+    "behaviour": BehaviourConfig,
     "generator": GeneratorConfig,
     "training": TrainingConfig,
     "eval": EvalConfig,
@@ -229,9 +281,16 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     delta: DeltaConfig = field(default_factory=DeltaConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def uses_behaviour(self) -> bool:
+        """Whether training needs behaviour targets (the behaviour section)."""
+        t = self.training
+        return t.delta_target == "behaviour" or t.lambda_kl > 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able dict (tuples become lists)."""

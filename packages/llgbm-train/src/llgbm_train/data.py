@@ -1,16 +1,19 @@
 """Training samples from a world: teacher checkpoints, their cached deltas, condition prompts.
 
-Every train-split single-task teacher checkpoint is one sample. Its condition is N prompts of
-its task's train items, drawn afresh each step by a seeded ``numpy`` generator whose state the
-checkpoint carries (so a resumed run draws the same prompts). Its targets are the teacher LoRA
-and the teacher's delta, computed once through ``llgbm_delta.compute_deltas`` into a
-``DeltaCache``.
+Every train-split single-task teacher checkpoint is one sample. Each task's train items are split
+once, by a hash of each prompt, into a *condition pool* and a *probe pool* (`task_pools`, which
+checks the two are disjoint from each other and from the task's test items). A sample's condition
+is N prompts of its task's condition pool, drawn afresh each step by a seeded ``numpy`` generator
+whose state the checkpoint carries (so a resumed run draws the same prompts). Its targets are the
+teacher LoRA, the teacher's delta (computed once through ``llgbm_delta.compute_deltas`` into a
+``DeltaCache``) and, when the config asks, its behaviour target on probes (task probes come from
+the probe pool), computed once into a ``BehaviourCache``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,63 @@ def teacher_deltas(
     return compute_deltas((model, tokenizer), [str(p) for p in paths], probes, cache, **kwargs)
 
 
+@dataclass(frozen=True)
+class TaskPools:
+    """One task's train items split in two: what the generator reads, and its task probes."""
+
+    condition: list[str]  # prompt texts the generator may read as its condition
+    probes: list[Any]  # Examples (prompt, answer) whose prompts are the task's probes
+
+
+def _question(prompt: str) -> str:
+    """The prompt without its header: two prompts asking the same question compare equal."""
+    from llgbm_worlds.frame import INSTRUCTION_TAG
+
+    return prompt.split(INSTRUCTION_TAG, 1)[-1].strip()
+
+
+def _in_probe_pool(task_name: str, prompt: str, share: float) -> bool:
+    h = hashlib.sha256(f"llgbm-probe-pool\0{task_name}\0{_question(prompt)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 < share
+
+
+def task_pools(task, share: float) -> TaskPools:
+    """Split ``task``'s train items into condition and probe pools (by a hash of each question).
+
+    The split depends on the task name and question only, so it is the same in every process,
+    for every objective and when items are reordered. Raises DataError when a pool is empty or
+    when any condition prompt, probe or test item asks the same question as another pool's.
+    """
+    items = list(task.items("train"))
+    probes = [e for e in items if _in_probe_pool(task.name, e.prompt, share)]
+    condition = [e.prompt for e in items if not _in_probe_pool(task.name, e.prompt, share)]
+    if not probes or not condition:
+        raise DataError(
+            f"task {task.name}: {len(items)} train items give {len(condition)} condition prompts "
+            f"and {len(probes)} probes; both must be non-empty (adjust behaviour.probe_share)"
+        )
+    test = {_question(e.prompt) for e in task.items("test")}
+    cond_q = {_question(p) for p in condition}
+    probe_q = {_question(e.prompt) for e in probes}
+    for a, b, qa, qb in (
+        ("condition prompts", "probes", cond_q, probe_q),
+        ("condition prompts", "test items", cond_q, test),
+        ("probes", "test items", probe_q, test),
+    ):
+        both = qa & qb
+        if both:
+            raise DataError(
+                f"task {task.name}: {len(both)} of its {a} are also {b} "
+                f"(e.g. {sorted(both)[0]!r}); the world's train and test items overlap"
+            )
+    return TaskPools(condition, probes)
+
+
+def condition_prompts(task, cfg: Config) -> list[str]:
+    """The prompts a generator reads for ``task`` (train and evaluation alike)."""
+    return task_pools(task, cfg.behaviour.probe_share).condition
+
+
 @dataclass
 class TrainData:
     """The samples of one world: teacher i is sample i."""
@@ -121,7 +181,8 @@ class TrainData:
     paths: list[Path]  # teacher PEFT directory of each sample
     teachers: Any  # LoraBatch [n]
     deltas: torch.Tensor  # [n, hidden] fp32
-    prompts: dict[str, list[str]]  # task -> its train prompt texts
+    prompts: dict[str, list[str]]  # task -> its condition pool (prompt texts)
+    probes: dict[str, list[str]] = field(default_factory=dict)  # task -> its probe pool prompts
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -158,17 +219,85 @@ def load_train_data(
     teachers = LoraBatch.from_adapters(adapters)
     deltas = teacher_deltas(cfg, model, tokenizer, [p for _, p in pairs], probes, progress=progress)
     by_name = {t.name: t for t in world.tasks}
-    prompts = {name: list(by_name[name].prompts("train")) for name, _ in pairs}
-    for name, texts in prompts.items():
-        if not texts:
+    pools = {}
+    for name, _ in pairs:
+        if not by_name[name].items("train"):
             raise DataError(f"{root}/world.json: task {name} has no train prompts")
+        pools[name] = task_pools(by_name[name], cfg.behaviour.probe_share)
     return TrainData(
         tasks=[t for t, _ in pairs],
         paths=[p for _, p in pairs],
         teachers=teachers,
         deltas=torch.as_tensor(np.asarray(deltas, dtype=np.float32)),
-        prompts=prompts,
+        prompts={name: p.condition for name, p in pools.items()},
+        probes={name: [e.prompt for e in p.probes] for name, p in pools.items()},
     )
+
+
+def behaviour_spec(cfg: Config):
+    from llgbm_delta.behaviour import BehaviourSpec
+
+    b = cfg.behaviour
+    return BehaviourSpec(
+        positions=b.positions,
+        layers=tuple(b.layers),
+        max_answer_tokens=b.max_answer_tokens,
+        top_k=b.top_k,
+    )
+
+
+def behaviour_cache_dir(cfg: Config) -> Path:
+    b = cfg.behaviour.cache_dir
+    return Path(b) if b else world_dir(cfg) / "behaviour_cache"
+
+
+def behaviour_probe_sets(cfg: Config, data: TrainData) -> list:
+    """The probe set of each sample.
+
+    task: its own task's first n probes. world: n probes taken round-robin from every train
+    task's probe pool, the same set for every sample (the world's domain of prompts). Any other
+    name: that llgbm-delta probe set (generic, a domain, a file), the same for every sample.
+    """
+    from llgbm_delta import ProbeSet
+
+    name = cfg.behaviour.probes
+    n = cfg.behaviour.n_probes
+    if name == "world":
+        tasks = sorted(data.probes)
+        texts = [data.probes[t][i] for i in range(n) for t in tasks if i < len(data.probes[t])]
+        return [ProbeSet("world", tuple(texts[:n]))] * len(data)
+    if name != "task":
+        shared = load_probes(replace(cfg, probe=replace(cfg.probe, set=name)))
+        return [shared] * len(data)
+    sets = {}
+    for task, texts in data.probes.items():
+        if len(texts) < n:
+            raise DataError(
+                f"task {task}: its probe pool has {len(texts)} prompts, behaviour.n_probes is {n}"
+                " (lower it or raise behaviour.probe_share)"
+            )
+        sets[task] = ProbeSet(f"task:{task}", tuple(texts[:n]))
+    return [sets[t] for t in data.tasks]
+
+
+def load_behaviour(cfg: Config, data: TrainData, model, tokenizer, *, progress: bool = True):
+    """Behaviour targets of every sample's teacher, stacked: dict of [n, P, ...] CPU tensors."""
+    from llgbm_delta.behaviour import stack_targets
+    from llgbm_delta.behaviour_cache import BehaviourCache, compute_behaviour
+
+    targets = compute_behaviour(
+        model,
+        tokenizer,
+        [data.teachers[i] for i in range(len(data))],
+        behaviour_probe_sets(cfg, data),
+        behaviour_spec(cfg),
+        BehaviourCache(behaviour_cache_dir(cfg)),
+        adapters_per_batch=cfg.behaviour.adapters_per_batch,
+        progress=progress,
+        names=[str(p) for p in data.paths],
+    )
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return stack_targets(targets, 0 if pad is None else int(pad))
 
 
 def draw_prompts(rng: np.random.Generator, texts: list[str], n: int) -> list[str]:

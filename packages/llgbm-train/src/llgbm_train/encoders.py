@@ -11,7 +11,9 @@ kinds
   its last hidden states per word piece (what sentence-transformers calls token_embeddings).
 - "light": hashed-word embeddings + positions + a small transformer, built deterministically
   from a seed: frozen random features by default, trainable with `trainable=True`. For the tiny
-  world, cheap on CPU.
+  world, cheap on CPU. Its words are hashed, so "4" carries nothing of lying between "3" and "5".
+- "base": the frozen base LLM of the world itself, its hidden states (`layer`) of each prompt
+  token: features the adapted model already uses (the tiny base orders numbers and letters).
 
 Frozen encoders cache each text's states on disk under `cache_dir/<encoder id>/`, keyed by the
 text's hash (atomic writes; an unreadable file is recomputed), and keep recent ones in memory.
@@ -32,7 +34,7 @@ from llgbm_flora import atomic
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-ENCODER_KINDS = ("sbert", "light")
+ENCODER_KINDS = ("sbert", "light", "base")
 # What the in-memory cache of a frozen encoder may hold, in bytes of float32 states.
 _MEMORY_BUDGET = 256 * 2**20
 
@@ -234,6 +236,83 @@ class SbertEncoder(ConditionEncoder):
         return torch.cat(states), torch.cat(masks)
 
 
+class BaseModelEncoder(ConditionEncoder):
+    """A frozen causal LM (the world's base): hidden states of each prompt token at `layer`.
+
+    Tokens are the LM's own (its tokenizer, special tokens included, right-truncated to
+    max_tokens). `layer` indexes HF `hidden_states` (-1: the last layer after the final norm).
+    The encoder id includes the model's weight fingerprint, so two worlds never share a cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_path: str | os.PathLike,
+        max_tokens: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+        layer: int = -1,
+        batch_size: int = 64,
+    ) -> None:
+        super().__init__(cache_dir)
+        from llgbm_delta import model_fingerprint
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if max_tokens < 1:
+            raise EncoderError(f"encoder max_tokens: {max_tokens} must be >= 1")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_path)).eval()
+        except OSError as e:
+            raise EncoderError(
+                f"encoder kind 'base': cannot load {model_path} ({str(e).splitlines()[0]})"
+            ) from None
+        self.model.requires_grad_(False)
+        n_states = self.model.config.num_hidden_layers + 1
+        if not -n_states <= layer < n_states:
+            raise EncoderError(
+                f"encoder layer: {layer} is out of range for {n_states} hidden states"
+            )
+        self.layer = int(layer)
+        self.dim = int(self.model.config.hidden_size)
+        self.max_tokens = int(max_tokens)
+        self.trainable = False
+        self.batch_size = int(batch_size)
+        self.encoder_id = (
+            f"base:{model_fingerprint(self.model)[:16]}:layer{self.layer}:L{self.max_tokens}"
+        )
+
+    def train(self, mode: bool = True) -> BaseModelEncoder:
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        from llgbm_delta.delta import backbone_of
+
+        states, masks = [], []
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else int(pad)
+        for i in range(0, len(texts), self.batch_size):
+            rows = [
+                list(self.tokenizer(t)["input_ids"])[: self.max_tokens]
+                for t in texts[i : i + self.batch_size]
+            ]
+            ids = torch.full((len(rows), self.max_tokens), pad, dtype=torch.long)  # [T, L]
+            mask = torch.zeros((len(rows), self.max_tokens), dtype=torch.bool)  # [T, L]
+            for j, r in enumerate(rows):
+                ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+                mask[j, : len(r)] = True
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            out = backbone_of(self.model)(
+                input_ids=ids, attention_mask=mask.long(), output_hidden_states=True
+            )
+            h = out.hidden_states[self.layer].float()  # [T, L, D]
+            states.append(torch.where(mask[..., None], h, 0.0))
+            masks.append(mask)
+        return torch.cat(states), torch.cat(masks)
+
+
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
@@ -335,6 +414,7 @@ class LightEncoder(ConditionEncoder):
 _ENCODER_KWARGS = {
     "sbert": {"model_path", "batch_size"},
     "light": {"dim", "n_layers", "n_heads", "buckets", "seed", "trainable"},
+    "base": {"model_path", "layer", "batch_size"},
 }
 
 
@@ -346,11 +426,13 @@ def build_encoder(
     cache_dir: str | os.PathLike | None = None,
     **kw,
 ) -> ConditionEncoder:
-    """The condition encoder `kind` ("sbert" or "light") on `device`.
+    """The condition encoder `kind` ("sbert", "light" or "base") on `device`.
 
     sbert kwargs: model_path (a BERT-style sentence-transformers dir; default the bundled
       all-MiniLM-L6-v2), batch_size (64).
     light kwargs: dim (64), n_layers (1), n_heads (4), buckets (4096), seed (0), trainable (False).
+    base kwargs: model_path (required: a causal LM directory, the trainer passes the world's
+      base), layer (-1), batch_size (64).
     Frozen encoders cache encodings under `cache_dir` when it is given.
     """
     allowed = _ENCODER_KWARGS.get(kind)
@@ -364,6 +446,10 @@ def build_encoder(
         )
     if kind == "sbert":
         enc: ConditionEncoder = SbertEncoder(max_tokens=max_tokens, cache_dir=cache_dir, **kw)
+    elif kind == "base":
+        if "model_path" not in kw:
+            raise EncoderError("encoder 'base': needs model_path (the base model directory)")
+        enc = BaseModelEncoder(max_tokens=max_tokens, cache_dir=cache_dir, **kw)
     else:
         enc = LightEncoder(max_tokens=max_tokens, cache_dir=cache_dir, **kw)
     return enc.to(device)

@@ -2,7 +2,10 @@
 
     weight_loss(pred, target, tokenizer=tok)               # MSE on DnD's normalised weight tokens
     weight_loss(pred, target, space="delta_w")             # MSE of s * B @ A, never materialised
+    weight_loss(pred, target, space="delta_w_rel")         # the same, relative to ||s B' A'||^2
     delta_loss(pred_delta, teacher_delta, kind="cosine")   # on Delta Activations [n, hidden]
+    behaviour_delta_loss(out.hidden, target, rows, scale)  # per-position, per-layer deltas
+    kl_loss(out.logits, target, rows)                      # KL(teacher || generated) per position
 
 `LossOut.baseline` is the same loss for the zero LoRA (weights), the zero delta (mse) or a
 prediction at cosine 0 (cosine), so a log line can say "0.012 (baseline 1.31)": a loss that never
@@ -19,7 +22,7 @@ from torch import Tensor
 
 from llgbm_train.weight_tokens import WeightTokenizer
 
-WEIGHT_SPACES = ("token", "delta_w")
+WEIGHT_SPACES = ("token", "delta_w", "delta_w_rel")
 DELTA_KINDS = ("mse", "cosine", "combined")
 
 
@@ -69,32 +72,43 @@ def _gram_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
     return (gb * ga).sum(dim=(1, 2))  # [n]
 
 
-def _delta_w_loss(pred: LoraBatch, target: LoraBatch) -> LossOut:
-    """Mean over adapters and elements of (s B A - s B' A')^2, through r x r Gram matrices.
+def _delta_w_sq(pred: LoraBatch, target: LoraBatch) -> tuple[Tensor, Tensor, int]:
+    """Per adapter: ||s B A - s' B' A'||^2 and ||s' B' A'||^2 summed over keys, and the element
+    count of one adapter's dense updates. -> [n], [n] (no grad), int.
 
-    ||X - Y||^2 = <X,X> - 2<X,Y> + <Y,Y>, each a trace of small products, so no [out, in]
+    ||X - Y||^2 = <X,X> - 2<X,Y> + <Y,Y>, each a trace of small r x r products, so no [out, in]
     matrix is built. Computed in float32 and clamped at 0 against rounding.
     """
     s_p = pred.spec.scale
     s_t = target.spec.scale
-    total = None
-    base = 0.0
+    sq = None
+    base = None
     numel = 0
-    keys = target.spec.keys()
-    for key in keys:
+    for key in target.spec.keys():  # noqa: SIM118 (LoraSpec.keys, not a dict)
         a_p, b_p = pred.A[key].float(), pred.B[key].float()  # [n, r, in], [n, out, r]
         a_t, b_t = target.A[key].float(), target.B[key].float()
         pp = _gram_inner(a_p, b_p, a_p, b_p) * s_p**2
         pt = _gram_inner(a_p, b_p, a_t, b_t) * (s_p * s_t)
         with torch.no_grad():
             tt = _gram_inner(a_t, b_t, a_t, b_t) * s_t**2
-        sq = (pp - 2 * pt + tt).clamp_min(0.0).sum()
-        total = sq if total is None else total + sq
-        base += float(tt.sum())
+        d = (pp - 2 * pt + tt).clamp_min(0.0)  # [n]
+        sq = d if sq is None else sq + d
+        base = tt if base is None else base + tt
         numel += a_t.shape[2] * b_t.shape[1]
-    n = len(target)
-    denom = n * numel
-    return LossOut(total / denom, base / denom)
+    return sq, base, numel
+
+
+def _delta_w_loss(pred: LoraBatch, target: LoraBatch) -> LossOut:
+    """Mean over adapters and elements of (s B A - s B' A')^2."""
+    sq, base, numel = _delta_w_sq(pred, target)
+    denom = len(target) * numel
+    return LossOut(sq.sum() / denom, float(base.sum()) / denom)
+
+
+def _delta_w_rel_loss(pred: LoraBatch, target: LoraBatch) -> LossOut:
+    """Mean over adapters of ||s B A - s B' A'||^2 / ||s B' A'||^2 (all keys): baseline 1."""
+    sq, base, _ = _delta_w_sq(pred, target)
+    return LossOut((sq / base.clamp_min(1e-20)).mean(), 1.0)
 
 
 def weight_loss(
@@ -113,6 +127,9 @@ def weight_loss(
     space="delta_w": mean squared error of the dense updates s * B @ A per element (averaged over
       adapters and over all [out, in] entries of all keys), computed without building them.
       Baseline: the zero LoRA, i.e. mean of (s B' A')^2.
+    space="delta_w_rel": per adapter, the squared error of the dense updates summed over keys
+      divided by the teacher's squared norm, averaged over adapters: scale-free, baseline 1.
+    Both delta-W spaces are blind to the LoRA gauge (B M, M^-1 A give the same loss).
     """
     if space not in WEIGHT_SPACES:
         raise LossError(f"weight_loss space: {space!r} is not one of {', '.join(WEIGHT_SPACES)}")
@@ -123,6 +140,8 @@ def weight_loss(
         return _token_loss(pred, target, tokenizer, token_weights)
     if token_weights is not None:
         raise LossError("weight_loss: token_weights only apply to space='token'")
+    if space == "delta_w_rel":
+        return _delta_w_rel_loss(pred, target)
     return _delta_w_loss(pred, target)
 
 
@@ -150,3 +169,55 @@ def delta_loss(pred: Tensor, target: Tensor, *, kind: str, cos_weight: float = 0
     if kind == "cosine":
         return LossOut(cos, 1.0)
     return LossOut(mse + cos_weight * cos, mse_base + cos_weight)
+
+
+def behaviour_delta_loss(
+    hidden: Tensor,
+    base_hidden: Tensor,
+    target_delta: Tensor,
+    mask: Tensor,
+    scale: Tensor,
+    *,
+    kind: str,
+    cos_weight: float = 0.5,
+) -> LossOut:
+    """`delta_loss` over every selected (row, position, layer) of behaviour targets.
+
+    hidden, base_hidden, target_delta: [R, K, L, H] (generated states, the base's on the same
+    sequences, the teacher's delta); mask [R, K] bool (real positions); scale [L] (each layer's
+    deltas are divided by it, so layers of different magnitude weigh alike). Each selected
+    (position, layer) is one row of `delta_loss`; baselines as there (zero delta, cosine 0).
+    """
+    if hidden.shape != target_delta.shape or hidden.shape != base_hidden.shape:
+        raise LossError(
+            f"behaviour_delta_loss: hidden {list(hidden.shape)}, base {list(base_hidden.shape)} "
+            f"and target {list(target_delta.shape)} differ"
+        )
+    s = scale.to(hidden)[None, None, :, None]  # [1, 1, L, 1]
+    pred = ((hidden.float() - base_hidden.float()) / s)[mask]  # [N, L, H]
+    tgt = (target_delta.float() / s)[mask]  # [N, L, H]
+    return delta_loss(pred.flatten(0, 1), tgt.flatten(0, 1), kind=kind, cos_weight=cos_weight)
+
+
+def kl_loss(
+    logits: Tensor,
+    teacher_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    top_ids: Tensor | None = None,
+    base_kl: Tensor | None = None,
+) -> LossOut:
+    """Mean forward KL(teacher || generated) over the selected positions, in nats.
+
+    logits [R, K, V] of the generated adapter; teacher_logprobs [R, K, V] (or [R, K, k] with
+    top_ids [R, K, k]: see llgbm_delta.behaviour.kl_to_teacher); mask [R, K] bool. Baseline: the
+    mean of `base_kl` [R, K] (the base model's KL, i.e. the zero LoRA's), when given.
+    """
+    from llgbm_delta.behaviour import kl_to_teacher
+
+    if not bool(mask.any()):
+        raise LossError("kl_loss: no position is selected")
+    ids = None if top_ids is None else top_ids[mask]
+    kl = kl_to_teacher(logits[mask], teacher_logprobs[mask], ids)  # [N]
+    base = float(base_kl[mask].mean()) if base_kl is not None else float("nan")
+    return LossOut(kl.mean(), base)

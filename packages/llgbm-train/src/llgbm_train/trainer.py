@@ -9,8 +9,9 @@ inputs before a run directory exists.
 
 Objectives (per step, on the rank's rows):
 - baseline:    L = L_w
-- delta_multi: L = lambda_w * L_w + lambda_d(step) * L_delta
-- delta_only (b1): L = L_delta + norm_penalty * L_norm + lambda_w * L_w. The delta of a LoRA on
+- delta_multi: L = lambda_w * L_w + lambda_d(step) * L_delta + lambda_kl(step) * L_kl
+- delta_only (b1): L = lambda_d(step) * L_delta + lambda_kl(step) * L_kl + norm_penalty * L_norm
+  + lambda_w * L_w. The delta of a LoRA on
   a handful of probes is one hidden-size vector, while the LoRA has orders of magnitude more
   numbers, so L_delta alone is badly under-determined: it is met by large-norm updates that
   happen to move the probe states right and wreck everything else, and it leaves the A/B scale
@@ -18,6 +19,13 @@ Objectives (per step, on the rank's rows):
   teacher norm, per (layer, module)) forbids the large-norm solutions; a small weight anchor
   (lambda_w, e.g. 0.05) picks, among updates with the right delta, the one near the teacher
   and fixes the gauge. Both are logged next to their trivial baselines.
+
+L_delta is the paper's pooled delta (``training.delta_target: paper``) or the per-position,
+per-layer deltas of the behaviour targets (``behaviour``); L_kl is the forward KL from the
+teacher's next-token distributions to the generated adapter's at the behaviour positions. Both
+behaviour terms run the generated adapters through the frozen base (llgbm-flora's per-row
+functional path) on the teacher's own sequences, cached once (llgbm_delta.behaviour); no
+teacher adapter runs during training.
 """
 
 from __future__ import annotations
@@ -61,6 +69,11 @@ class Setup:
     device: torch.device
     delta_scale: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Behaviour targets of every sample ([n, P, ...] tensors on device; see data.load_behaviour
+    # for the names, plus "delta" = hidden - base_hidden) and each layer's delta RMS [L], when
+    # the config uses them.
+    behaviour: dict[str, torch.Tensor] | None = None
+    behaviour_scale: torch.Tensor | None = None
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -102,19 +115,36 @@ def check_lora(cfg: Config, spec, where: str) -> None:
             raise TrainingError(f"lora.{name}: config says {want!r} but {where} has {have!r}")
 
 
-def build_model_parts(cfg: Config, spec, teachers, device: torch.device, cache_dir: Path | None):
-    """Encoder, weight tokenizer (fit on ``teachers``) and a freshly initialised generator."""
+def build_model_parts(
+    cfg: Config,
+    spec,
+    teachers,
+    device: torch.device,
+    cache_dir: Path | None,
+    *,
+    base_path: Path | str | None = None,
+):
+    """Encoder, weight tokenizer (fit on ``teachers``) and a freshly initialised generator.
+
+    ``base_path``: the world's base model, read by the ``base`` encoder unless its options name
+    another ``model_path``.
+    """
     from llgbm_train.encoders import build_encoder
     from llgbm_train.generators import build_generator
     from llgbm_train.weight_tokens import WeightTokenizer
 
     g = cfg.generator
+    options = dict(g.encoder_options)
+    if g.encoder == "base" and "model_path" not in options:
+        if base_path is None:
+            raise TrainingError("generator.encoder: base needs the world's base model path")
+        options["model_path"] = str(base_path)
     encoder = build_encoder(
         g.encoder,
         device=str(device),
         max_tokens=g.max_tokens,
         cache_dir=cache_dir,
-        **g.encoder_options,
+        **options,
     )
     if any(p.requires_grad for p in encoder.parameters()):
         # The optimiser and checkpoints cover the generator only; a silently frozen encoder
@@ -154,8 +184,18 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
     base_act = base_activation(model, tokenizer, probes, dspec)  # [hidden]
     rms = float(data.deltas.pow(2).mean().sqrt())
     delta_scale = cfg.training.delta_scale or (rms if rms > 0 else 1.0)
+    behaviour, bscale = None, None
+    if cfg.uses_behaviour:
+        behaviour, bscale = behaviour_tensors(
+            D.load_behaviour(cfg, data, model, tokenizer, progress=progress), device
+        )
     encoder, wt, generator = build_model_parts(
-        cfg, data.teachers.spec, data.teachers, device, D.encoder_cache_dir(cfg)
+        cfg,
+        data.teachers.spec,
+        data.teachers,
+        device,
+        D.encoder_cache_dir(cfg),
+        base_path=world.base_path,
     )
     meta = {
         "world": {
@@ -176,6 +216,18 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
         "generator_parameters": sum(p.numel() for p in generator.parameters()),
         "delta_scale": delta_scale,
     }
+    if behaviour is not None:
+        meta["behaviour"] = {
+            "dir": str(D.behaviour_cache_dir(cfg)),
+            "spec_hash": D.behaviour_spec(cfg).hash,
+            "probes": cfg.behaviour.probes,
+            "probes_per_sample": int(behaviour["input_ids"].shape[1]),
+            "positions_per_sample": float(behaviour["select_mask"].sum(-1).float().mean()),
+            "layer_scale": [float(x) for x in bscale],
+            "base_kl": float(behaviour["base_kl"][behaviour["select_mask"]].mean())
+            if "base_kl" in behaviour
+            else None,
+        }
     return Setup(
         cfg,
         world,
@@ -192,6 +244,63 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
         device,
         delta_scale,
         meta,
+        behaviour,
+        bscale,
+    )
+
+
+def behaviour_tensors(
+    stacked: dict[str, torch.Tensor], device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Stacked behaviour targets on ``device``, the teacher's hidden states replaced by their
+    delta, and each layer's delta RMS over real positions. -> (dict, [L])."""
+    out = dict(stacked)
+    out["select_mask"] = out["select_mask"].bool()
+    out["delta"] = out.pop("hidden") - out["base_hidden"]  # [n, P, K, L, H]
+    rows = out["delta"][out["select_mask"]]  # [N, L, H]
+    scale = rows.pow(2).mean(dim=(0, 2)).sqrt()  # [L]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return {k: v.to(device) for k, v in out.items()}, scale.to(device)
+
+
+def behaviour_rows(setup: Setup, samples: list[int], probes: list[list[int]] | None):
+    """The behaviour targets of ``samples`` (each on its ``probes``, None: all) as rows.
+
+    -> (SequenceBatch [b*P', T'], dict of [b*P', ...] targets), sample-major rows as a LoraBatch
+    of the b samples expects; padding columns no selected row uses are dropped.
+    """
+    from llgbm_delta.behaviour import SequenceBatch
+
+    bt = setup.behaviour
+    assert bt is not None
+    dev = setup.device
+    si = torch.tensor(samples, dtype=torch.long, device=dev)[:, None]  # [b, 1]
+    if probes is None:
+        pi = torch.arange(bt["input_ids"].shape[1], device=dev)[None].expand(len(samples), -1)
+    else:
+        pi = torch.tensor(probes, dtype=torch.long, device=dev)  # [b, P']
+    got = {k: v[si, pi].flatten(0, 1) for k, v in bt.items()}  # [b*P', ...]
+    t = int(got["attention_mask"].sum(-1).max())
+    k = int(got["select_mask"].sum(-1).max())
+    batch = SequenceBatch(
+        got.pop("input_ids")[:, :t],
+        got.pop("attention_mask")[:, :t],
+        got.pop("select")[:, :k],
+        got.pop("select_mask")[:, :k],
+    )
+    return batch, {name: v[:, :k] for name, v in got.items()}
+
+
+def loss_weight(tc, name: str, step: int) -> float:
+    """lambda_<name>(step), from training.lambda_<name> and its _schedule, _warmup, _start."""
+    from llgbm_train.schedules import lambda_at
+
+    return lambda_at(
+        step,
+        kind=getattr(tc, f"lambda_{name}_schedule"),
+        value=getattr(tc, f"lambda_{name}"),
+        warmup_steps=getattr(tc, f"lambda_{name}_warmup"),
+        start=getattr(tc, f"lambda_{name}_start"),
     )
 
 
@@ -311,8 +420,8 @@ def train(
     ``stop_after``: stop (with a checkpoint) once this many steps are done, as a kill would,
     leaving the run resumable. ``max_steps``: run at most this many steps this call, no checkpoint.
     """
-    from llgbm_train.losses import delta_loss, weight_loss
-    from llgbm_train.schedules import lambda_at, lr_lambda
+    from llgbm_train.losses import behaviour_delta_loss, delta_loss, kl_loss, weight_loss
+    from llgbm_train.schedules import lr_lambda
 
     acc = accelerator or make_accelerator(cfg)
     main = acc.is_main_process
@@ -405,53 +514,93 @@ def train(
         idx, prompts = D.draw_batch(rng, data, tc.batch_size, cfg.generator.n_prompts)
         rows = list(range(rank, len(idx), world_size))
         local = [idx[i] for i in rows]
+        probe_pick = None
+        if setup.behaviour is not None and cfg.behaviour.probes_per_step is not None:
+            n_p = setup.behaviour["input_ids"].shape[1]
+            per = min(cfg.behaviour.probes_per_step, n_p)
+            # Drawn for the whole global batch, so every rank's RNG stays in lock step.
+            picks = [rng.choice(n_p, size=per, replace=False).tolist() for _ in idx]
+            probe_pick = [picks[i] for i in rows]
         states, mask = setup.encoder.encode([prompts[i] for i in rows])  # [b, N, L, D], [b, N, L]
         states = states.to(setup.device)
         mask = mask.to(setup.device)
         if tc.cond_noise > 0:
             states = states + tc.cond_noise * torch.randn(states.shape, generator=noise).to(states)
         target = subset(teachers, local)
-        lam_d = lambda_at(
-            step,
-            kind=tc.lambda_d_schedule,
-            value=tc.lambda_d,
-            warmup_steps=tc.lambda_d_warmup,
-            start=tc.lambda_d_start,
-        )
+        lam_d, lam_kl = loss_weight(tc, "d", step), loss_weight(tc, "kl", step)
         with autocast(cfg, setup.device):
             pred = ddp_gen(states, mask)  # LoraBatch [b]
         pred = pred.to(dtype=torch.float32)
         lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
-        need_delta = tc.objective != "baseline"
+        need_grad = tc.objective != "baseline"
+        lkl = None
         with (
-            contextlib.nullcontext() if need_delta else torch.no_grad(),
+            contextlib.nullcontext() if need_grad else torch.no_grad(),
             autocast(cfg, setup.device),
         ):
-            from llgbm_delta import delta_for_lora
+            if tc.delta_target == "paper":
+                from llgbm_delta import delta_for_lora
 
-            pd = (
-                delta_for_lora(
+                pd = (
+                    delta_for_lora(
+                        setup.model,
+                        setup.tokenizer,
+                        pred,
+                        setup.probes,
+                        setup.delta_spec,
+                        base=base_act,
+                        adapter_chunk_size=cfg.model.adapter_chunk_size,
+                        gradient_checkpointing=cfg.model.gradient_checkpointing,
+                    )
+                    / setup.delta_scale
+                )  # [b, hidden]
+            if setup.behaviour is not None:
+                from llgbm_delta.behaviour import behaviour_forward
+
+                seqs, bt = behaviour_rows(setup, local, probe_pick)
+                out = behaviour_forward(
                     setup.model,
-                    setup.tokenizer,
+                    seqs,
+                    cfg.behaviour.layers,
                     pred,
-                    setup.probes,
-                    setup.delta_spec,
-                    base=base_act,
+                    logits="logprobs" in bt,
                     adapter_chunk_size=cfg.model.adapter_chunk_size,
                     gradient_checkpointing=cfg.model.gradient_checkpointing,
-                )
-                / setup.delta_scale
-            )  # [b, hidden]
-        ld = delta_loss(pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight)
+                )  # hidden [b*P, K, L, H], logits [b*P, K, V]
+        if tc.delta_target == "paper":
+            ld = delta_loss(pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight)
+        else:
+            ld = behaviour_delta_loss(
+                out.hidden,
+                bt["base_hidden"],
+                bt["delta"],
+                seqs.select_mask,
+                setup.behaviour_scale,
+                kind=tc.delta_loss,
+                cos_weight=tc.cos_weight,
+            )
+        if setup.behaviour is not None and out.logits is not None:
+            lkl = kl_loss(
+                out.logits,
+                bt["logprobs"],
+                seqs.select_mask,
+                top_ids=bt.get("top_ids"),
+                base_kl=bt.get("base_kl"),
+            )
         terms = {"loss_w": lw, "loss_d": ld}
+        if lkl is not None:
+            terms["loss_kl"] = lkl
+        behaviour_term = lam_d * ld.value
+        if lkl is not None and tc.lambda_kl > 0:
+            behaviour_term = behaviour_term + lam_kl * lkl.value
         if tc.objective == "baseline":
             loss = lw.value
         elif tc.objective == "delta_multi":
-            loss = tc.lambda_w * lw.value + lam_d * ld.value
+            loss = tc.lambda_w * lw.value + behaviour_term
         else:
             ln, ln_base = norm_penalty(pred, target)
             terms["loss_norm"] = type(lw)(ln, ln_base)
-            loss = ld.value + tc.norm_penalty * ln + tc.lambda_w * lw.value
+            loss = behaviour_term + tc.norm_penalty * ln + tc.lambda_w * lw.value
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         params = [p for p in ddp_gen.parameters() if p.grad is not None]
@@ -482,6 +631,8 @@ def train(
         step += 1
         names = list(terms)
         rec = {"step": step, "loss": vals[0], "grad_norm": vals[1], "lr": lr, "lambda_d": lam_d}
+        if tc.lambda_kl > 0:
+            rec["lambda_kl"] = lam_kl
         for i, name in enumerate(names):
             rec[name] = vals[2 + i]
             rec[name + "_baseline"] = vals[2 + len(names) + i]
@@ -497,6 +648,11 @@ def train(
                 loss=f"{vals[0]:.4g}",
                 w=f"{rec['loss_w']:.3g}/{rec['loss_w_baseline']:.3g}",
                 d=f"{rec['loss_d']:.3g}/{rec['loss_d_baseline']:.3g}",
+                **(
+                    {"kl": f"{rec['loss_kl']:.3g}/{rec['loss_kl_baseline']:.3g}"}
+                    if "loss_kl" in rec
+                    else {}
+                ),
             )
         if step % tc.checkpoint_every == 0 or step == end:
             checkpoint(step)
