@@ -70,10 +70,14 @@ def test_retrieve_errors_are_one_line(composed, world, capsys, extra, message):
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_missing_world_is_one_line(tmp_path, capsys):
-    assert main(["compose", str(tmp_path / "nope"), "--no-progress"]) == 2
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [([], "no such world directory"), (["--density", "0"], "density: must be in (0, 1]")],
+)
+def test_bad_compose_input_is_one_line(tmp_path, capsys, extra, message):
+    assert main(["compose", str(tmp_path / "nope"), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err
-    assert "no such world directory" in err and err.count("\n") == 1
+    assert message in err and err.count("\n") == 1
 
 
 def test_commands_mount_in_a_host_cli_with_a_predictor(

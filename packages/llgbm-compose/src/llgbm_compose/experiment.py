@@ -28,8 +28,6 @@ import numpy as np
 
 from llgbm_compose.errors import ComposeError
 
-MERGE_METHODS = ("average", "task_arithmetic", "ties", "dare")
-
 
 @dataclass(frozen=True)
 class ComposeConfig:
