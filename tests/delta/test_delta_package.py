@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def test_wheels_require_nothing_heavy(tmp_path):
         assert reqs, wheel.name
         assert not reqs & FORBIDDEN, f"{wheel.name} requires {sorted(reqs & FORBIDDEN)}"
         assert reqs <= {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm",
-                        "tokenizers", "llgbm-flora"}, reqs  # fmt: skip
+                        "tokenizers", "huggingface-hub", "llgbm-flora"}, reqs  # fmt: skip
 
 
 def _readme_example() -> str:
@@ -80,3 +82,27 @@ def test_readme_example_runs(base_dir, adapter_dirs, tmp_path, monkeypatch, caps
 
     entries = DeltaCache(tmp_path / "delta-cache").entries()
     assert len(entries) == 2 and np.isfinite(entries[0].hidden_size)
+
+
+def test_import_is_lazy_and_cpu_import_loads_no_triton():
+    """`import llgbm_delta` imports no torch; the compute path on CPU imports no Triton, no
+    llgbm_flora.kernels, and registers no custom op (issue 12: CPU users do not pay for them)."""
+    code = """
+import sys
+import llgbm_delta
+light = "torch" in sys.modules
+from llgbm_delta import compute_deltas, DeltaCache, delta_for_lora
+import torch
+try:
+    torch.ops.llgbm_flora.gemm_swiglu_lora
+    op = True
+except (AttributeError, RuntimeError):
+    op = False
+print(light, "triton" in sys.modules, "llgbm_flora.kernels" in sys.modules, op)
+print(sorted(n for n in llgbm_delta.__all__ if not hasattr(llgbm_delta, n)))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.splitlines() == ["False False False False", "[]"]
