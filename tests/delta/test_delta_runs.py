@@ -189,7 +189,11 @@ def test_fully_cached_path_base_loads_no_model_and_no_tensors(
     def forbidden(*a, **k):
         raise AssertionError("loaded although every delta is cached")
 
+    from transformers import AutoConfig
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", forbidden)  # no meta copy either
+    monkeypatch.setattr(AutoConfig, "from_pretrained", forbidden)
     monkeypatch.setattr(compute, "load_adapter", forbidden)
     monkeypatch.setattr(compute, "activations", forbidden)
     again = run_deltas(base_dir, adapter_dirs, cache=DeltaCache(cache), progress=False)

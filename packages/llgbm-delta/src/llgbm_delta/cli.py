@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -286,13 +287,29 @@ def _warnings_as_lines():
 
 @contextlib.contextmanager
 def _quiet_transformers(debug: bool):
-    """No HF loading bars or info logs on the console (our own progress bar is enough)."""
+    """No HF loading bars or info logs on the console (our own progress bar is enough).
+
+    A run that finds everything cached never imports transformers, so it is not imported here:
+    before its import the same is asked for through its environment variables."""
+    if debug:
+        yield
+        return
+    if "transformers" not in sys.modules:
+        env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: v for k, v in env.items() if saved[k] is None})
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+        return
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if not debug:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:

@@ -27,6 +27,7 @@ raises `BaseModelError`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -190,28 +191,78 @@ def base_argument(base, model, tokenizer):
 
 
 class _Base:
-    """The base model: its config and a weightless copy at once, the weights at first need."""
+    """The base model: what validation and cache keys need first, the weights at first need.
 
-    def __init__(self, base, device, dtype) -> None:
+    For a base read from local files (a path, or a hub id in the local HF cache), the cache's
+    memo supplies the fingerprint, token hash, context length and which adapter structures fit,
+    so a fully cached run imports no transformers model code and reads no weights. Otherwise
+    the config and a weightless copy on the meta device are built when first asked for.
+    """
+
+    def __init__(self, base, device, dtype, cache: DeltaCache | None) -> None:
         self.device = device
         self.dtype = parse_dtype(dtype)
+        self.cache = cache
+        self.memo_new: dict[str, dict] = {}  # memo entries learned by this run
         self.model = self.tokenizer = None
+        self._config = self._shadow = None
         self.dir: Path | None = None  # local directory of a base given by path or hub id
+        self._identity: str | None = None
         if isinstance(base, tuple):
             self.model, self.tokenizer, self.name = load_base(base, device=device, dtype=dtype)
-            self.config = self.model.config
-            self.shadow = self.model
+            self._config = self.model.config
+            self._shadow = self.model
             return
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         self.name = str(base)
-        try:
-            self.config = AutoConfig.from_pretrained(self.name)
-            with torch.device("meta"):
-                self.shadow = AutoModelForCausalLM.from_config(self.config)
-        except (OSError, ValueError, KeyError) as e:
-            raise BaseModelError(f"{self.name}: cannot load base model ({_first_line(e)})") from e
         self.dir = _local_dir(self.name)
+        if self.dir is None:
+            self.config  # noqa: B018 (fail early, in one line, on a base that cannot load)
+
+    @property
+    def config(self):
+        if self._config is None:
+            from transformers import AutoConfig
+
+            try:
+                self._config = AutoConfig.from_pretrained(self.name)
+            except (OSError, ValueError, KeyError) as e:
+                raise BaseModelError(
+                    f"{self.name}: cannot load base model ({_first_line(e)})"
+                ) from e
+        return self._config
+
+    @property
+    def shadow(self) -> nn.Module:
+        """The base, or a copy without weights (meta device) until the base is loaded."""
+        if self.model is not None:
+            return self.model
+        if self._shadow is None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                self._shadow = AutoModelForCausalLM.from_config(self.config)
+        return self._shadow
+
+    def fits(self, spec) -> None:
+        """Raise LoraError unless an adapter of this structure applies to the base (memoised)."""
+        from llgbm_flora import check_fits
+
+        all_layers = spec.model_layers is not None  # saved without layers_to_transform
+        key = None
+        if self.cache is not None and self.identity() is not None:
+            digest = hashlib.sha256(repr((spec.structure, all_layers)).encode()).hexdigest()
+            key = f"fits:{self.identity()}:{digest}"
+            if self.cache.memo_get(key) is not None:
+                return
+        check_fits(self.shadow, spec, all_layers=all_layers)
+        if key is not None:
+            self.memo_new[key] = {"fits": True}
+
+    def identity(self) -> str | None:
+        """files_identity of the base directory's files, or None for a base not read from files."""
+        if self.dir is not None and self._identity is None:
+            self._identity = files_identity(p for p in self.dir.iterdir() if p.is_file())
+        return self._identity
 
     def target_device(self) -> torch.device:
         """Where the model is, or will be loaded (as `load_base` chooses)."""
@@ -224,13 +275,14 @@ class _Base:
             self.model, self.tokenizer, _ = load_base(
                 self.name, device=self.device, dtype=self.dtype
             )
+            self._config = self.model.config
         return self.model, self.tokenizer
 
     def memo_keys(self, probe_hash: str) -> tuple[str, str] | None:
         """Memo keys of (fingerprint, probe tokens) for a base read from local files, else None."""
-        if self.dir is None:
+        identity = self.identity()
+        if identity is None:
             return None
-        identity = files_identity(p for p in self.dir.iterdir() if p.is_file())
         dtype = str(self.dtype or torch.float32).removeprefix("torch.")
         return f"base:{identity}:{dtype}", f"tokens:{identity}:{probe_hash}"
 
@@ -259,6 +311,7 @@ class _Identity:
     info: BaseInfo
     token_hash: str
     max_len: int  # tokens of the longest probe
+    context: int | None  # the base's max_position_embeddings
     batch: ProbeBatch | None = None  # set when the tokenizer ran in this process
     from_memo: bool = False
 
@@ -267,11 +320,12 @@ def _identity(base: _Base, probes: ProbeSet, cache, trust_memo: bool) -> tuple[_
     """The base identity, from the cache's memo if it knows the base files; and memo updates."""
     keys = base.memo_keys(probes.hash) if cache is not None else None
     if keys is not None and trust_memo:
-        info, tokens = cache.memo_get(keys[0]), cache.memo_get(keys[1])
-        if info is not None and tokens is not None:
+        known, tokens = cache.memo_get(keys[0]), cache.memo_get(keys[1])
+        if known is not None and tokens is not None:
             try:
+                info = BaseInfo(**known["info"])
                 return _Identity(
-                    BaseInfo(**info), tokens["token_hash"], int(tokens["max_len"]), None, True
+                    info, tokens["token_hash"], int(tokens["max_len"]), known["context"]
                 ), {}
             except (TypeError, KeyError, ValueError):
                 pass  # a memo from another version: recompute
@@ -285,13 +339,15 @@ def _identity(base: _Base, probes: ProbeSet, cache, trust_memo: bool) -> tuple[_
         dtype=str(param.dtype).removeprefix("torch."),
     )
     max_len = int(batch.attention_mask.sum(-1).max())
+    context = getattr(model.config, "max_position_embeddings", None)
+    context = context if isinstance(context, int) else None
     memo = {}
     if keys is not None:
         memo = {
-            keys[0]: asdict(info),
+            keys[0]: {"info": asdict(info), "context": context},
             keys[1]: {"token_hash": batch.token_hash, "max_len": max_len},
         }
-    return _Identity(info, batch.token_hash, max_len, batch), memo
+    return _Identity(info, batch.token_hash, max_len, context, batch), memo
 
 
 class _StaleMemo(Exception):
@@ -375,7 +431,7 @@ def run_deltas(
     if cache is not None and not isinstance(cache, DeltaCache):
         cache = DeltaCache(cache)
     run = _Run(
-        base=_Base(base, device, dtype),
+        base=_Base(base, device, dtype, cache),
         adapters=list(adapters),
         probes=probe_set,
         cache=cache,
@@ -429,9 +485,7 @@ class _Run:
         sources: list[Source | None] = [None] * n
         for i, item in enumerate(self.adapters):
             try:
-                sources[i] = validate_source(
-                    resolve_source(item, self.names[i]), self.base.shadow, self.base.config
-                )
+                sources[i] = validate_source(resolve_source(item, self.names[i]), self.base)
             except AdapterError as e:
                 self._fail(i, e)
         # 2. What cache keys need from the base (no forward).
@@ -440,7 +494,7 @@ class _Run:
         if cache is not None:
             cache.bind(ident.info)
             cache.memo_put(memo)
-        self._warn_context(ident.max_len)
+        self._warn_context(ident)
 
         self.out = np.full((n, ident.info.hidden_size), np.nan, dtype=np.float32)
         self.keys: list[str | None] = [None] * n
@@ -464,8 +518,8 @@ class _Run:
             self.bar.close()
             if self.runner is not None:
                 self.runner.close()
-            if cache is not None and memo_new:
-                cache.memo_put(memo_new)
+            if cache is not None and (memo_new or self.base.memo_new):
+                cache.memo_put({**self.base.memo_new, **memo_new})
         if self.base_v is not None:
             _check_no_drift(self.base_v, base_again, ident.info.fingerprint, self.base.model)
         corrupt = cache.problems[n_problems:] if cache is not None else []
@@ -644,9 +698,9 @@ class _Run:
             self.bar.set_postfix(self.counts, refresh=False)
             self.bar.update(k)
 
-    def _warn_context(self, max_len: int) -> None:
-        limit = getattr(self.base.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and max_len > limit:
+    def _warn_context(self, ident: _Identity) -> None:
+        limit, max_len = ident.context, ident.max_len
+        if limit is not None and max_len > limit:
             warnings.warn(
                 DeltaWarning(
                     f"probe set {self.probes.name!r}: the longest probe has {max_len} tokens, "

@@ -2,7 +2,7 @@
 memory; each one found, classified and validated before any model is loaded.
 
     src = resolve_source("org/my-lora", "org/my-lora")   # a hub id, resolved in the HF cache
-    src = validate_source(src, shadow, base_config)       # AdapterError naming it, or its spec
+    src = validate_source(src, base)                      # AdapterError naming it, or its spec
 
 - A directory holding `adapter_config.json` is a PEFT LoRA adapter (plain LoRA, DoRA,
   rank_pattern / alpha_pattern, layers_to_transform, rsLoRA: whatever llgbm-flora reads).
@@ -123,20 +123,24 @@ def hub_snapshot(repo: str, label: str | None = None) -> Path:
         ) from None
 
 
-def validate_source(src: Source, shadow, base_config) -> Source:
+def validate_source(src: Source, base) -> Source:
     """Check a source fits the base without reading tensor data; AdapterError otherwise.
 
-    `shadow`: the base model, or a weightless copy of it on the meta device; `base_config`:
-    its config. Returns the source with its spec (LoRA) or weights and config (checkpoint).
+    `base` has `fits(spec)` (raises LoraError unless every key of the spec is a linear of the
+    right shape in the base; `all_layers` for adapters saved without layers_to_transform) and
+    `config` (the base's HF config, read only for full checkpoints). Returns the source with
+    its spec (LoRA) or weights and config (checkpoint).
     """
-    from llgbm_flora import LoraError, check_fits, inspect_adapter
+    from llgbm_flora import LoraError, inspect_adapter
 
     try:
         if src.kind == "memory":
-            check_fits(shadow, src.adapter.spec)
+            base.fits(src.adapter.spec)
             return replace(src, spec=src.adapter.spec)
         if src.kind == "lora":
-            return replace(src, spec=inspect_adapter(src.path, model=shadow))
+            spec = inspect_adapter(src.path)
+            base.fits(spec)
+            return replace(src, spec=spec)
     except LoraError as e:
         msg = str(e)
         raise AdapterError(
@@ -144,7 +148,7 @@ def validate_source(src: Source, shadow, base_config) -> Source:
         ) from e
     except OSError as e:
         raise AdapterError(f"{src.label}: cannot read adapter ({e})") from e
-    return _validate_checkpoint(src, base_config)
+    return _validate_checkpoint(src, base.config)
 
 
 def _validate_checkpoint(src: Source, base_config) -> Source:
