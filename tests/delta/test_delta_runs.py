@@ -65,9 +65,11 @@ def test_bad_fifth_adapter_fails_before_the_model_loads(
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
+    import llgbm_delta.base as base_mod
+
     calls = []
-    real = compute.load_base
-    monkeypatch.setattr(compute, "load_base", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = base_mod.load_base
+    monkeypatch.setattr(base_mod, "load_base", lambda *a, **k: calls.append(1) or real(*a, **k))
     dirs = [*adapter_dirs[:4], bad]
     with pytest.raises(AdapterError, match=str(bad)):
         compute_deltas(base_dir, dirs, cache=tmp_path / "c", progress=False)

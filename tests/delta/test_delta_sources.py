@@ -82,12 +82,12 @@ def test_unsupported_feature_is_one_line_before_the_model_loads(
         seed=3,
         modules_to_save=["lm_head"],
     )
-    import llgbm_delta.compute as compute
+    import llgbm_delta.base as base_mod
 
     def no_load(*a, **k):
         raise AssertionError("the base model was loaded before the adapters were validated")
 
-    monkeypatch.setattr(compute, "load_base", no_load)
+    monkeypatch.setattr(base_mod, "load_base", no_load)
     with pytest.raises(AdapterError) as err:
         compute_deltas(base_dir, [*adapter_dirs[:4], bad], cache=tmp_path / "c", progress=False)
     msg = str(err.value)

@@ -26,7 +26,7 @@ _EXPORTS = {
     "DeltaFailure": "compute",
     "DeltaResult": "compute",
     "compute_deltas": "compute",
-    "load_base": "compute",
+    "load_base": "base",
     "run_deltas": "compute",
     "ProbeBatch": "delta",
     "activations": "delta",
