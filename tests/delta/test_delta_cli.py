@@ -172,7 +172,7 @@ def test_discover_adapters(adapter_dirs, tmp_path):
     assert problems == []
     _, problems = discover_adapters([str(tmp_path / "empty"), str(tmp_path / "x")])
     assert [p for _, p in problems] == [
-        f"{tmp_path / 'empty'}: no PEFT adapter (adapter_config.json) found",
+        f"{tmp_path / 'empty'}: no PEFT adapter (adapter_config.json) or checkpoint found",
         f"{tmp_path / 'x'}: no such file or directory",
     ]
 
@@ -185,3 +185,110 @@ def test_console_script_help():
     bad = subprocess.run([exe, "ls", "/nonexistent/cache"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
     assert torch is not None
+
+
+def _synthetic_cache(root, n: int = 200) -> DeltaCache:
+    """A cache of n entries written directly (no model), as `compute` would lay it out."""
+    from llgbm_delta import BaseInfo
+
+    cache = DeltaCache(root)
+    cache.bind(BaseInfo(fingerprint="f" * 64, name="base", hidden_size=64, dtype="float32"))
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        meta = {
+            "base_fingerprint": "f" * 64,
+            "probe_hash": "p" * 64,
+            "probe_name": "generic",
+            "token_hash": "t" * 64,
+            "spec": {"definition": 1, "layer": -1, "token": "last"},
+            "spec_hash": "s" * 64,
+            "adapter_hash": f"{i:064x}",
+            "adapter_name": f"adapters/a{i:03d}",
+        }
+        rows.append((meta, rng.standard_normal(64).astype(np.float32)))
+    cache.put_many(rows)
+    return cache
+
+
+_LS_PROBE = """
+import sys, time
+t0 = time.perf_counter()
+from llgbm_delta.cli import main
+codes = [main(["ls", sys.argv[1]]), main(["export", sys.argv[1], sys.argv[2]])]
+elapsed = time.perf_counter() - t0
+heavy = sorted(m for m in ("torch", "transformers", "peft", "llgbm_flora") if m in sys.modules)
+print("RESULT", codes, heavy, f"{elapsed:.3f}", file=sys.stderr)
+"""
+
+
+def test_ls_and_export_import_no_torch(tmp_path):
+    _synthetic_cache(tmp_path / "cache")
+    out = subprocess.run(
+        [sys.executable, "-c", _LS_PROBE, str(tmp_path / "cache"), str(tmp_path / "d.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = next(line for line in out.stderr.splitlines() if line.startswith("RESULT"))
+    assert result.startswith("RESULT [0, 0] []"), result  # exit codes, heavy modules imported
+    assert "200 entries" in out.stdout and "wrote 200 deltas" in out.stdout
+    with np.load(tmp_path / "d.npz") as z:
+        assert z["deltas"].shape == (200, 64)
+
+
+def test_ls_and_export_exit_1_on_corrupt_entries(tmp_path, capsys):
+    cache = _synthetic_cache(tmp_path / "cache", n=3)
+    victim = cache.entry_path(cache.entries()[1].key)
+    victim.write_bytes(victim.read_bytes()[:-5])
+    code, out, err = run(["ls", tmp_path / "cache"], capsys)
+    assert code == 1 and "2 entries" in out
+    assert "is corrupt" in err and "error: 1 corrupt entries" in err
+    assert (tmp_path / "cache" / "corrupt").is_dir()
+    code, out, _ = run(["ls", tmp_path / "cache"], capsys)  # quarantined: the rest is clean
+    assert code == 0 and "2 entries" in out
+    victim = cache.entry_path(cache.entries()[0].key)
+    victim.write_bytes(b"\x00" * 10)
+    code, out, err = run(["export", tmp_path / "cache", tmp_path / "x.npz"], capsys)
+    assert code == 1 and "wrote 1 deltas" in out and "skipped" in err
+
+
+def test_compute_os_error_is_one_line(base_dir, adapter_dirs, tmp_path, capsys, monkeypatch):
+    import llgbm_delta.cache as cache_mod
+
+    def refuse(path, data):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(cache_mod, "_atomic_write", refuse)
+    argv = ["compute", "--base", base_dir, "--adapters", adapter_dirs[0], "--cache", tmp_path / "c"]
+    code, _, err = run([*argv, "--no-progress"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: cache {tmp_path / 'c'}: cannot write: Permission denied")
+
+
+def test_compute_counts_line_and_warnings_as_lines(tmp_path, base_dir, adapter_dirs, tok, capsys):
+    from transformers import AutoModelForCausalLM
+
+    short = tmp_path / "short_context"
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    model.config.max_position_embeddings = 16
+    model.save_pretrained(short)
+    tok.save_pretrained(short)
+    argv = ["compute", "--base", short, "--adapters", *adapter_dirs[:2], "--cache", tmp_path / "c"]
+    code, out, err = run([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith("done: 2 computed, 0 cached, 0 failed in ")
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "more than" in warning[0] and "context of 16" in warning[0]
+
+
+def test_discover_checkpoints_and_hub_ids(adapter_dirs, base_dir, tmp_path):
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(adapter_dirs[0], zoo / "lora")
+    shutil.copytree(base_dir, zoo / "full" / "ckpt")
+    found, problems = discover_adapters([str(zoo), "org/some-lora@v1", "./not/here"])
+    assert found == [zoo / "full" / "ckpt", zoo / "lora", "org/some-lora@v1"]
+    assert [p for _, p in problems] == ["./not/here: no such file or directory"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -55,24 +57,29 @@ def test_wheels_require_nothing_heavy(tmp_path):
         assert reqs, wheel.name
         assert not reqs & FORBIDDEN, f"{wheel.name} requires {sorted(reqs & FORBIDDEN)}"
         assert reqs <= {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm",
-                        "tokenizers", "filelock", "llgbm-flora"}, reqs  # fmt: skip
+                        "tokenizers", "filelock", "huggingface-hub", "llgbm-flora"}, reqs  # fmt: skip
 
 
-def _readme_example() -> str:
+def _readme_example(i: int = 0) -> str:
     text = (PKG / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README has no python example"
-    return blocks[0]
+    assert len(blocks) > i, "README has no python example"
+    return blocks[i]
 
 
-def test_readme_example_runs(base_dir, adapter_dirs, tmp_path, monkeypatch, capsys):
+def _readme_code(base_dir, adapter_dirs) -> str:
+    """The README's example, its two inputs pointed at a tiny local model and adapters."""
     code = _readme_example()
     assert len([line for line in code.splitlines() if line.strip()]) <= 6
-    # Point the example's two inputs at a tiny local model and adapters; the rest runs verbatim.
     code, n_base = re.subn(r"^base = .*$", f"base = {str(base_dir)!r}", code, flags=re.M)
     local = [str(d) for d in adapter_dirs[:2]]
     code, n_adapters = re.subn(r"^adapters = .*$", f"adapters = {local!r}", code, flags=re.M)
     assert n_base == n_adapters == 1
+    return code
+
+
+def test_readme_example_runs(base_dir, adapter_dirs, model, tok, tmp_path, monkeypatch, capsys):
+    code = _readme_code(base_dir, adapter_dirs)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "(2, 64)"
@@ -80,3 +87,84 @@ def test_readme_example_runs(base_dir, adapter_dirs, tmp_path, monkeypatch, caps
 
     entries = DeltaCache(tmp_path / "delta-cache").entries()
     assert len(entries) == 2 and np.isfinite(entries[0].hidden_size)
+
+    # The second example: model=/tokenizer= keywords, then similarity and nearest.
+    from llgbm_delta import compute_deltas
+
+    ns = {"model": model, "tokenizer": tok, "adapters": [str(d) for d in adapter_dirs[:2]]}
+    ns["compute_deltas"] = compute_deltas
+    exec(compile(_readme_example(1), "README.md", "exec"), ns)
+    assert ns["S"].shape == (2, 2) and ns["idx"].tolist() == [1]
+    assert ns["cos"][0] == pytest.approx(ns["S"][0, 1])
+
+
+@pytest.mark.slow
+def test_readme_example_runs_in_an_empty_venv(base_dir, adapter_dirs, tmp_path):
+    """The two wheels and their locked dependencies in a fresh venv (from uv's cache, offline):
+    every requirement met, nothing heavy installed, and the README example prints its shape."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv not on PATH")
+    root = PKG.parents[1]
+    wheels = tmp_path / "wheels"
+    for package in ("llgbm-flora", "llgbm-delta"):
+        subprocess.run(
+            [uv, "build", "-q", "--package", package, "--wheel", "--out-dir", str(wheels)],
+            cwd=root, check=True, capture_output=True,
+        )  # fmt: skip
+    req = tmp_path / "requirements.txt"
+    subprocess.run(
+        [uv, "export", "-q", "--package", "llgbm-delta", "--no-emit-workspace", "--no-hashes",
+         "--no-dev", "--format", "requirements-txt", "-o", str(req)],
+        cwd=root, check=True, capture_output=True,
+    )  # fmt: skip
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "-q", str(venv), "--python", sys.executable], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [uv, "pip", "install", "-q", "--python", python, "--offline", "--no-deps", "-r", str(req),
+         *map(str, sorted(wheels.glob("*.whl")))],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if install.returncode != 0:
+        pytest.skip(f"locked wheels not in uv's cache (offline): {install.stderr[-300:]}")
+    check = subprocess.run([uv, "pip", "check", "--python", python], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = subprocess.run(
+        [uv, "pip", "list", "--python", python, "--format", "freeze"],
+        capture_output=True, text=True, check=True,
+    ).stdout.lower()  # fmt: skip
+    installed = {line.split("==")[0] for line in listed.splitlines()}
+    heavy = FORBIDDEN - {"pyyaml"}  # pyyaml comes with transformers; the rest must not come
+    assert not installed & heavy, sorted(installed & heavy)
+    out = subprocess.run(
+        [python, "-c", _readme_code(base_dir, adapter_dirs)],
+        cwd=tmp_path, capture_output=True, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(2, 64)"
+
+
+def test_import_is_lazy_and_cpu_import_loads_no_triton():
+    """`import llgbm_delta` imports no torch; the compute path on CPU imports no Triton, no
+    llgbm_flora.kernels, and registers no custom op (issue 12: CPU users do not pay for them)."""
+    code = """
+import sys
+import llgbm_delta
+light = "torch" in sys.modules
+from llgbm_delta import compute_deltas, DeltaCache, delta_for_lora
+import torch
+try:
+    torch.ops.llgbm_flora.gemm_swiglu_lora
+    op = True
+except (AttributeError, RuntimeError):
+    op = False
+print(light, "triton" in sys.modules, "llgbm_flora.kernels" in sys.modules, op)
+print(sorted(n for n in llgbm_delta.__all__ if not hasattr(llgbm_delta, n)))
+"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.splitlines() == ["False False False False", "[]"]

@@ -1,66 +1,71 @@
-"""llgbm-delta: Delta Activations for LoRA adapters.
+"""llgbm-delta: Delta Activations of fine-tuned models (PEFT LoRA adapters, full checkpoints).
 
-Probe sets, the one delta definition (`DeltaSpec`, `delta_for_lora`), fast batched teacher
-deltas (`compute_deltas`) and a content-keyed cache (`DeltaCache`).
+Probe sets, the one delta definition (`DeltaSpec`, `delta_for_lora`), fast batched deltas
+(`compute_deltas`), a content-keyed cache (`DeltaCache`) and exact cosine similarity helpers.
 
-    from llgbm_delta import compute_deltas, DeltaCache
-    deltas = compute_deltas("path/to/base", ["adapters/a", "adapters/b"], cache=DeltaCache("cache"))
+    from llgbm_delta import compute_deltas, nearest
+    deltas = compute_deltas(model=model, tokenizer=tok, adapters=["adapters/a", "adapters/b"])
+    idx, scores = nearest(deltas, 0, k=1)
+
+Names are imported on first use, so `import llgbm_delta` is cheap and the cache, probes and
+similarity helpers work without importing torch.
 """
 
-from llgbm_delta.cache import BaseInfo, DeltaCache, EntryMeta, entry_key
-from llgbm_delta.compute import DeltaFailure, DeltaResult, compute_deltas, load_base, run_deltas
-from llgbm_delta.delta import (
-    ProbeBatch,
-    activations,
-    base_activation,
-    delta_for_lora,
-    encode_probes,
-    last_token_index,
-    pool_tokens,
-)
-from llgbm_delta.errors import (
-    AdapterError,
-    BaseModelError,
-    CacheError,
-    DeltaError,
-    DeltaSpecError,
-    ProbeError,
-)
-from llgbm_delta.fingerprint import adapter_content_hash, model_fingerprint
-from llgbm_delta.probes import ProbeSet, domain_probes, generic_probes, load_probes, resolve_probes
-from llgbm_delta.spec import DeltaSpec
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterError",
-    "BaseInfo",
-    "BaseModelError",
-    "CacheError",
-    "DeltaCache",
-    "DeltaError",
-    "DeltaFailure",
-    "DeltaResult",
-    "DeltaSpec",
-    "DeltaSpecError",
-    "EntryMeta",
-    "ProbeBatch",
-    "ProbeError",
-    "ProbeSet",
-    "activations",
-    "adapter_content_hash",
-    "base_activation",
-    "compute_deltas",
-    "delta_for_lora",
-    "domain_probes",
-    "encode_probes",
-    "entry_key",
-    "generic_probes",
-    "last_token_index",
-    "load_base",
-    "load_probes",
-    "model_fingerprint",
-    "pool_tokens",
-    "resolve_probes",
-    "run_deltas",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "BaseInfo": "cache",
+    "DeltaCache": "cache",
+    "EntryMeta": "cache",
+    "entry_key": "cache",
+    "DeltaFailure": "compute",
+    "DeltaResult": "compute",
+    "compute_deltas": "compute",
+    "load_base": "base",
+    "run_deltas": "compute",
+    "ProbeBatch": "delta",
+    "activations": "delta",
+    "base_activation": "delta",
+    "delta_for_lora": "delta",
+    "encode_probes": "delta",
+    "last_token_index": "delta",
+    "pool_tokens": "delta",
+    "AdapterError": "errors",
+    "BaseModelError": "errors",
+    "CacheError": "errors",
+    "DeltaError": "errors",
+    "DeltaSpecError": "errors",
+    "DeltaWarning": "errors",
+    "ProbeError": "errors",
+    "adapter_content_hash": "fingerprint",
+    "checkpoint_content_hash": "fingerprint",
+    "model_fingerprint": "fingerprint",
+    "ProbeSet": "probes",
+    "domain_probes": "probes",
+    "generic_probes": "probes",
+    "load_probes": "probes",
+    "resolve_probes": "probes",
+    "nearest": "cosine",
+    "similarity": "cosine",
+    "DeltaSpec": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llgbm_delta' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llgbm_delta.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])

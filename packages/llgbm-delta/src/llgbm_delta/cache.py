@@ -5,8 +5,9 @@ Layout of a cache directory:
     ROOT/
       manifest.json              # format, the base model the cache is for, an index of entries
       entries/<key>.safetensors  # one file per entry: tensor "delta" [hidden] float32 + metadata
+      memo.json                  # content hashes remembered by file identity (see `memo_get`)
       corrupt/                   # entries found damaged are moved here (never returned)
-      .lock                      # fcntl lock serialising manifest updates
+      .lock                      # fcntl lock serialising manifest and memo updates
 
 An entry key is sha256 over the base fingerprint, the probe-set hash, the probe token-id hash
 (ties the tokenizer in), the DeltaSpec hash and the adapter content hash (see `fingerprint`).
@@ -23,6 +24,11 @@ is written the same atomic way. The entry files are the truth: `entries()` scans
 A cache is made for one base model: the first `bind` records its fingerprint, and binding a
 different base raises `CacheError` (use one cache directory per base). Locking uses `fcntl`,
 so caches are POSIX-only.
+
+Reading never writes: a complete cache on a read-only file system (or shared read-only) serves
+every hit; nothing opens `.lock` unless an entry, the manifest or the memo changes. A write that
+the file system refuses is a `CacheError` naming the cache, except memo updates, which are an
+optimisation and are skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ FORMAT = "llgbm-delta-cache"
 FORMAT_VERSION = 1
 ENTRY_FORMAT = "llgbm-delta-entry/1"
 ENTRY_SUFFIX = ".safetensors"
+MEMO_FORMAT = "llgbm-delta-memo/1"
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,7 @@ class DeltaCache:
         self.root = Path(root)
         # (key, reason) for every damaged entry met by this object; callers report them.
         self.problems: list[tuple[str, str]] = []
+        self._memo: dict | None = None  # memo.json's entries, read once per object
 
     def __repr__(self) -> str:
         return f"DeltaCache({str(self.root)!r})"
@@ -145,26 +153,44 @@ class DeltaCache:
         return self.entries_dir / f"{key}{ENTRY_SUFFIX}"
 
     def _ensure_dirs(self) -> None:
+        self._check_root()
+        self.entries_dir.mkdir(parents=True, exist_ok=True)
+
+    def _check_root(self) -> None:
         if self.root.exists() and not self.root.is_dir():
             raise CacheError(f"{self.root}: cache path exists and is not a directory")
-        self.entries_dir.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self._ensure_dirs()
-        with open(self.root / ".lock", "a+") as f:
+        with self._writing():
+            self._ensure_dirs()
+            f = open(self.root / ".lock", "a+")  # noqa: SIM115 (held across the yield)
+        with f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Turn a refused write (read-only, permissions, disk full) into one CacheError line."""
+        try:
+            yield
+        except OSError as e:
+            what = e.strerror or type(e).__name__
+            where = f" ({e.filename})" if e.filename else ""
+            raise CacheError(f"cache {self.root}: cannot write: {what}{where}") from e
+
     # -- manifest ----------------------------------------------------------------------
     def _read_manifest(self) -> dict:
+        self._check_root()
         try:
             raw = self.manifest_path.read_text()
         except FileNotFoundError:
             return {"format": FORMAT, "version": FORMAT_VERSION, "base": None, "entries": {}}
+        except OSError as e:
+            raise CacheError(f"{self.manifest_path}: cannot read ({e.strerror or e})") from None
         try:
             m = json.loads(raw)
         except json.JSONDecodeError as e:
@@ -180,7 +206,9 @@ class DeltaCache:
         return m
 
     def _write_manifest(self, m: dict) -> None:
-        _atomic_write(self.manifest_path, (json.dumps(m, indent=1, sort_keys=True) + "\n").encode())
+        with self._writing():
+            data = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
+            _atomic_write(self.manifest_path, data)
 
     def base_info(self) -> BaseInfo | None:
         """The base model this cache was made for, or None if nothing was bound yet."""
@@ -188,22 +216,79 @@ class DeltaCache:
         return BaseInfo(**base) if base else None
 
     def bind(self, base: BaseInfo) -> None:
-        """Record `base` as this cache's base model, or check it is the one recorded."""
+        """Record `base` as this cache's base model, or check it is the one recorded.
+
+        A cache already bound to `base` is only read (no lock, no write)."""
+        if self._check_base(self._read_manifest().get("base"), base):
+            return
         with self._locked():
             m = self._read_manifest()
-            old = m.get("base")
-            if old is None:
+            if not self._check_base(m.get("base"), base):
                 m["base"] = asdict(base)
                 self._write_manifest(m)
-                return
-            if old["fingerprint"] != base.fingerprint:
-                raise CacheError(
-                    f"cache {self.root} was written for base {old['name']!r} "
-                    f"(fingerprint {old['fingerprint'][:12]}, {old['dtype']}, "
-                    f"hidden {old['hidden_size']}), not {base.name!r} "
-                    f"(fingerprint {base.fingerprint[:12]}, {base.dtype}, hidden {base.hidden_size}); "
-                    "use one cache directory per base model"
-                )
+
+    def _check_base(self, old: dict | None, base: BaseInfo) -> bool:
+        """True if `old` (the manifest's record) is `base`; False if none; CacheError if another."""
+        if old is None:
+            return False
+        if old["fingerprint"] != base.fingerprint:
+            raise CacheError(
+                f"cache {self.root} was written for base {old['name']!r} "
+                f"(fingerprint {old['fingerprint'][:12]}, {old['dtype']}, "
+                f"hidden {old['hidden_size']}), not {base.name!r} "
+                f"(fingerprint {base.fingerprint[:12]}, {base.dtype}, hidden {base.hidden_size}); "
+                "use one cache directory per base model"
+            )
+        return True
+
+    # -- memo --------------------------------------------------------------------------
+    @property
+    def memo_path(self) -> Path:
+        return self.root / "memo.json"
+
+    def memo_get(self, key: str) -> dict | None:
+        """A value remembered under `key` by `memo_put`, or None.
+
+        The memo maps file identities (`fingerprint.files_identity`: names, sizes, mtimes,
+        ctimes, inodes) to what was computed from those files: a base model's fingerprint and
+        probe token hash, an adapter's content hash. It lets a fully cached run skip loading the
+        base model and the adapters' tensors; any write to a file changes its identity, so a
+        stale value is never used. A damaged memo reads as empty.
+        """
+        return self._read_memo().get(key)
+
+    def _read_memo(self) -> dict:
+        if self._memo is None:
+            try:
+                m = json.loads(self.memo_path.read_text())
+                self._memo = m["entries"] if m.get("format") == MEMO_FORMAT else {}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                self._memo = {}
+        return self._memo
+
+    def memo_put(self, items: dict[str, dict]) -> None:
+        """Remember values (JSON objects) by key; skipped, with a debug log, where the cache
+        cannot be written (a read-only cache still serves hits, only without the memo)."""
+        memo = self._read_memo()
+        items = {k: v for k, v in items.items() if memo.get(k) != v}
+        if not items:
+            return
+        try:
+            with self._locked():
+                try:
+                    on_disk = json.loads(self.memo_path.read_text())["entries"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    on_disk = {}
+                on_disk.update(items)
+                blob = {"format": MEMO_FORMAT, "entries": on_disk}
+                with self._writing():
+                    _atomic_write(
+                        self.memo_path, (json.dumps(blob, sort_keys=True) + "\n").encode()
+                    )
+                self._memo = on_disk
+        except CacheError as e:
+            log.debug("memo not written: %s", e)
+            memo.update(items)
 
     def rebuild_manifest(self) -> int:
         """Re-derive the manifest's entry index from the entry files; returns the entry count."""
@@ -257,14 +342,18 @@ class DeltaCache:
         return meta, delta
 
     def _quarantine(self, key: str, path: Path, reason: str) -> None:
+        self.problems.append((key, reason))
+        qdir = self.root / "corrupt"
+        try:
+            qdir.mkdir(exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, qdir / f"{path.name}.{time.time_ns()}")
+        except OSError as e:  # a read-only cache: the entry stays, and keeps being a miss
+            log.warning("cache entry %s is corrupt (%s); cannot move it (%s)", path, reason, e)
+            return
         log.warning(
             "cache entry %s is corrupt (%s); moved to corrupt/, will recompute", path, reason
         )
-        self.problems.append((key, reason))
-        qdir = self.root / "corrupt"
-        qdir.mkdir(exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, qdir / f"{path.name}.{time.time_ns()}")
 
     def get(self, key: str) -> np.ndarray | None:
         """The verified delta for `key` (float32 [hidden]), or None if absent or corrupt."""
@@ -292,7 +381,8 @@ class DeltaCache:
         Each `meta` dict has base_fingerprint, probe_hash, probe_name, token_hash, spec (dict),
         spec_hash, adapter_hash, adapter_name. The key is derived here, never trusted.
         """
-        self._ensure_dirs()
+        with self._writing():
+            self._ensure_dirs()
         written = []
         for meta, delta in items:
             delta = np.ascontiguousarray(np.asarray(delta, dtype=np.float32).reshape(-1))
@@ -322,7 +412,8 @@ class DeltaCache:
             em = replace(em, sha256=entry_checksum(em, delta))
             header = {k: str(v) for k, v in asdict(em).items()}
             header["format"] = ENTRY_FORMAT
-            _atomic_write(self.entry_path(key), st_save({"delta": delta}, metadata=header))
+            with self._writing():
+                _atomic_write(self.entry_path(key), st_save({"delta": delta}, metadata=header))
             written.append(em)
         if written:
             with self._locked():
@@ -334,20 +425,24 @@ class DeltaCache:
 
     def entries(self) -> list[EntryMeta]:
         """Every valid entry on disk (damaged ones are quarantined and reported), sorted by name."""
+        return [meta for meta, _ in self._valid_entries()]
+
+    def _valid_entries(self) -> list[tuple[EntryMeta, np.ndarray]]:
+        """(metadata, delta) of every valid entry, each file read once, sorted as `entries`."""
         out = []
         if not self.entries_dir.is_dir():
             return out
         for path in sorted(self.entries_dir.glob(f"*{ENTRY_SUFFIX}")):
             key = path.name[: -len(ENTRY_SUFFIX)]
             try:
-                meta, _ = self._read_entry(path)
+                meta, delta = self._read_entry(path)
             except FileNotFoundError:
                 continue
             except Exception as e:
                 self._quarantine(key, path, f"{type(e).__name__}: {e}")
                 continue
-            out.append(meta)
-        out.sort(key=lambda e: (e.adapter_name, e.key))
+            out.append((meta, delta))
+        out.sort(key=lambda e: (e[0].adapter_name, e[0].key))
         return out
 
     def __len__(self) -> int:
@@ -367,9 +462,7 @@ class DeltaCache:
         base model, created).
         """
         out = Path(out)
-        entries = self.entries()
-        deltas = [self.get(e.key) for e in entries]
-        keep = [(e, d) for e, d in zip(entries, deltas) if d is not None]
+        keep = self._valid_entries()
         base = self.base_info()
         hidden = base.hidden_size if base else (keep[0][1].shape[0] if keep else 0)
         arrays = {

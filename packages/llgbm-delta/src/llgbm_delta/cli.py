@@ -1,57 +1,84 @@
-"""The `llgbm-delta` command: compute teacher deltas into a cache, list it, export it.
+"""The `llgbm-delta` command: compute deltas into a cache, list it, export it.
 
-    llgbm-delta compute --base MODEL --adapters DIR [DIR ...] --cache CACHE [--probes generic]
+    llgbm-delta compute --base MODEL --adapters DIR|HUB_ID [...] --cache CACHE [--probes generic]
     llgbm-delta ls CACHE
     llgbm-delta export CACHE OUT.npz
 
+`ls` and `export` import neither torch nor transformers (they read the cache's files only).
 Exit codes: 0 success; 1 some adapters failed under --keep-going (the others were computed and
-cached); 2 bad input or any other error (one line on stderr, `--debug` for the traceback).
+cached), or `ls` / `export` found corrupt entries (moved to corrupt/, listed on stderr);
+2 bad input or any other error (one line on stderr, `--debug` for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 
-from llgbm_delta.errors import DeltaError
+from llgbm_delta.errors import DeltaError, DeltaWarning
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def discover_adapters(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Adapter directories under `paths`, in order, and (path, problem) for paths with none.
+def _is_checkpoint(p: Path) -> bool:
+    return (p / "config.json").is_file() and (
+        any((p / w).exists() for w in WEIGHTS) or any(p.glob("*.safetensors"))
+    )
 
-    A path holding `adapter_config.json` is one adapter; any other directory is searched
-    (recursively, sorted) for adapter directories.
+
+def discover_adapters(paths: list[str]) -> tuple[list[Path | str], list[tuple[str, str]]]:
+    """What to embed under `paths`, in order, and (path, problem) for paths with nothing.
+
+    A directory holding `adapter_config.json` is one PEFT adapter; one holding `config.json`
+    and model weights is one full checkpoint; any other directory is searched (recursively,
+    sorted) for both. A path that does not exist but reads `org/name[@revision]` is a hub id
+    (kept as a string, resolved by compute).
     """
-    found: list[Path] = []
+    from llgbm_delta.sources import looks_like_hub_id
+
+    found: list[Path | str] = []
     problems: list[tuple[str, str]] = []
     for raw in paths:
         p = Path(raw)
         if not p.exists():
-            problems.append((raw, f"{raw}: no such file or directory"))
+            if looks_like_hub_id(raw):
+                found.append(raw)
+            else:
+                problems.append((raw, f"{raw}: no such file or directory"))
         elif not p.is_dir():
             problems.append((raw, f"{raw}: not a directory (expected a PEFT adapter directory)"))
-        elif (p / "adapter_config.json").is_file():
+        elif (p / "adapter_config.json").is_file() or _is_checkpoint(p):
             found.append(p)
         else:
-            inner = sorted(c.parent for c in p.rglob("adapter_config.json"))
+            inner = {c.parent for c in p.rglob("adapter_config.json")}
+            inner |= {c.parent for c in p.rglob("config.json") if _is_checkpoint(c.parent)}
             if not inner:
-                problems.append((raw, f"{raw}: no PEFT adapter (adapter_config.json) found"))
-            found.extend(inner)
+                problems.append(
+                    (raw, f"{raw}: no PEFT adapter (adapter_config.json) or checkpoint found")
+                )
+            found.extend(sorted(inner))
     seen, unique = set(), []
     for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
+        ident = p.resolve() if isinstance(p, Path) else p
+        if ident not in seen:
+            seen.add(ident)
             unique.append(p)
     return unique, problems
 
 
 def _cmd_compute(args: argparse.Namespace) -> int:
+    with _quiet_transformers(args.debug), _warnings_as_lines():
+        return _compute(args)
+
+
+def _compute(args: argparse.Namespace) -> int:
     from llgbm_delta.cache import DeltaCache
     from llgbm_delta.compute import run_deltas
     from llgbm_delta.probes import resolve_probes
@@ -102,8 +129,11 @@ def _cmd_compute(args: argparse.Namespace) -> int:
         print(f"{len(failures)} failed:", file=sys.stderr)
         for msg in failures:
             print(f"  {msg}", file=sys.stderr)
-        return EXIT_PARTIAL
-    return EXIT_OK
+    computed = result.n_computed if result else 0
+    cached = result.n_cached if result else 0
+    seconds = f" in {result.seconds:.2f} s" if result else ""
+    print(f"done: {computed} computed, {cached} cached, {len(failures)} failed{seconds}")
+    return EXIT_PARTIAL if failures else EXIT_OK
 
 
 def _open_existing(path: str):
@@ -138,6 +168,13 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         print(
             f"warning: entry {key[:12]} is corrupt ({reason}); moved to corrupt/", file=sys.stderr
         )
+    if cache.problems:
+        print(
+            f"error: {len(cache.problems)} corrupt entries in {args.cache} (moved to corrupt/; "
+            "`llgbm-delta compute` recomputes them)",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -152,7 +189,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {n} deltas to {out} ({time.perf_counter() - t0:.2f} s)")
     for key, reason in cache.problems:
         print(f"warning: entry {key[:12]} is corrupt ({reason}); skipped", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_PARTIAL if cache.problems else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="DIR",
-        help="PEFT adapter directories, or folders searched for them",
+        help="PEFT adapter directories (LoRA, DoRA, rank/alpha patterns), full fine-tuned "
+        "checkpoint directories (safetensors), hub ids org/name[@revision], or folders "
+        "searched for adapters and checkpoints",
     )
     c.add_argument("--cache", required=True, metavar="DIR", help="delta cache directory")
     c.add_argument(
@@ -230,14 +269,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
+def _warnings_as_lines():
+    """llgbm-delta's own warnings as `warning: ...` lines on stderr, others as Python shows them."""
+    show = warnings.showwarning
+
+    def line(message, category, filename, lineno, file=None, text=None):
+        if issubclass(category, DeltaWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, text)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeltaWarning)
+        warnings.showwarning = line
+        yield
+
+
+@contextlib.contextmanager
 def _quiet_transformers(debug: bool):
-    """No HF loading bars or info logs on the console (our own progress bar is enough)."""
+    """No HF loading bars or info logs on the console (our own progress bar is enough).
+
+    A run that finds everything cached never imports transformers, so it is not imported here:
+    before its import the same is asked for through its environment variables."""
+    if debug:
+        yield
+        return
+    if "transformers" not in sys.modules:
+        env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: v for k, v in env.items() if saved[k] is None})
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+        return
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if not debug:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
@@ -249,9 +321,9 @@ def _quiet_transformers(debug: bool):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    args.debug = debug
     try:
-        with _quiet_transformers(debug):
-            return args.func(args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return EXIT_ERROR

@@ -1,14 +1,28 @@
-"""compute_deltas: teacher deltas for PEFT adapters on an HF causal LM, batched and cached.
+"""compute_deltas: delta activations of fine-tuned models on an HF causal LM, batched and cached.
 
-    deltas = compute_deltas("path/to/base", ["adapters/a", "adapters/b"], cache=DeltaCache("c"))
+    deltas = compute_deltas(model=model, tokenizer=tok, adapters=["a", "org/lora"], cache="c")
+    deltas = compute_deltas("path/to/base", ["adapters/a", "ckpt/full"], cache=DeltaCache("c"))
     # float32 [2, hidden], in the order given
 
-The base activation is computed once; adapters are loaded with llgbm-flora, hashed by content,
-looked up in the cache, and the misses go through `delta_for_lora` in batches of
-`adapters_per_batch` (n adapters x P probes rows in one forward). `method="peft"` is the
-reference path (one PeftModel, load/set/delete adapter per adapter, `disable_adapter()` for the
-base), kept to test the fast path against. Either way the base activation is recomputed at the
-end and the base weights re-fingerprinted: any drift raises `BaseModelError`.
+What can be embedded (`sources`): PEFT LoRA directories (plain, DoRA, rank_pattern /
+alpha_pattern, layers_to_transform, rsLoRA), hub ids, full fine-tuned checkpoints (safetensors)
+and LoraAdapter objects. The work is ordered so that nothing is wasted:
+
+1. every adapter is located and validated (config, safetensors header, keys and shapes against a
+   weightless copy of the base) before the base model is loaded: without `keep_going` the first
+   bad one raises here, having cost nothing; with it, it is listed and skipped;
+2. cache keys need the base fingerprint and the probe token hash, which the cache's memo keeps
+   by the base files' identity, and each adapter's content hash, kept the same way: a fully
+   cached run loads no model and no adapter tensors and runs no forward;
+3. the base model loads at the first miss; misses go through `delta_for_lora` in batches of
+   `adapters_per_batch` adapters of one structure (full checkpoints one at a time, through the
+   same `activations`), and each finished batch is committed to the cache at once, so an
+   interruption or a failing adapter loses at most the batch in flight.
+
+`method="peft"` is the reference path (one PeftModel, load/set/delete adapter per adapter,
+`disable_adapter()` for the base), kept to test the fast path against. Whenever a forward ran,
+the base activation is recomputed at the end and the base weights re-fingerprinted: any drift
+raises `BaseModelError`.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,26 +40,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from llgbm_flora import LoraAdapter, LoraBatch, LoraError, check_fits, load_adapter, save_adapter
+from llgbm_flora import LoraAdapter, LoraBatch, LoraError, load_adapter, save_adapter
 from torch import nn
 
+from llgbm_delta.base import (
+    Identity,
+    RunBase,
+    StaleMemo,
+    base_argument,
+    device_of,
+    identity,
+)
 from llgbm_delta.cache import BaseInfo, DeltaCache, entry_key
 from llgbm_delta.delta import ProbeBatch, activations, delta_for_lora, encode_probes
-from llgbm_delta.errors import AdapterError, BaseModelError, DeltaError
-from llgbm_delta.fingerprint import adapter_content_hash, model_fingerprint
+from llgbm_delta.errors import AdapterError, BaseModelError, DeltaError, DeltaWarning
+from llgbm_delta.fingerprint import (
+    adapter_content_hash,
+    checkpoint_content_hash,
+    files_identity,
+    model_fingerprint,
+)
 from llgbm_delta.probes import ProbeSet, resolve_probes
+from llgbm_delta.sources import Source, load_checkpoint, resolve_source, validate_source
 from llgbm_delta.spec import DEFAULT_SPEC, DeltaSpec
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 METHODS = ("flora", "peft")
 # The recomputed base activation must match the first one this closely (relative to its scale);
 # on one device and one set of shapes it is bitwise equal in practice. Half-precision models get
@@ -67,7 +88,7 @@ class DeltaResult:
     """Everything `run_deltas` learned; `compute_deltas` returns only `deltas`."""
 
     deltas: np.ndarray  # [n, hidden] float32, input order; NaN rows for failures
-    names: list[str]  # adapter label per row (path or "adapter[i]")
+    names: list[str]  # adapter label per row (path, hub id or "adapter[i]")
     keys: list[str | None]  # cache key per row (None without a cache or if loading failed)
     cached: list[bool]  # row came from the cache
     failures: list[DeltaFailure]
@@ -76,114 +97,31 @@ class DeltaResult:
     probe_hash: str
     seconds: float = 0.0
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) recomputed
+    forward: bool = True  # a model forward ran (False: every delta came from the cache)
 
     @property
     def n_computed(self) -> int:
         failed = {f.name for f in self.failures}
         return sum(1 for n, c in zip(self.names, self.cached) if not c and n not in failed)
 
+    @property
+    def n_cached(self) -> int:
+        return sum(self.cached)
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise DeltaError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
 
-
-def load_base(
-    base: str | Path | tuple, *, device: str | torch.device | None = None, dtype=None
-) -> tuple[nn.Module, object, str]:
-    """(model, tokenizer, name) from an HF id/path or a (model, tokenizer) pair.
-
-    A path or id loads in float32 unless `dtype` says otherwise, on `device` (default: CUDA if
-    available). A given model is moved only if `device`/`dtype` are passed (in place, as
-    `Module.to` does).
-    """
-    dtype = parse_dtype(dtype)
-    if isinstance(base, tuple):
-        if len(base) != 2:
-            raise BaseModelError("base must be an HF id/path or a (model, tokenizer) pair")
-        model, tokenizer = base
-        name = str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
-        if device is not None or dtype is not None:
-            model.to(device=device, dtype=dtype)
-        return model.eval(), tokenizer, name
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = str(base)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BaseModelError(f"{name}: cannot load base model ({first})") from e
-    return model.to(device).eval(), tokenizer, name
+    def counts_line(self) -> str:
+        """`3 computed, 2 cached, 0 failed (1.23 s)`: the one-line summary of a run."""
+        return (
+            f"{self.n_computed} computed, {self.n_cached} cached, {self.n_failed} failed "
+            f"({self.seconds:.2f} s)"
+        )
 
 
 def adapter_label(item: str | Path | LoraAdapter, i: int) -> str:
     return str(item) if isinstance(item, str | Path) else f"adapter[{i}]"
-
-
-def _load_one(
-    item: str | Path | LoraAdapter, label: str, model: nn.Module, fits: set | None = None
-) -> LoraAdapter:
-    """Load (if a path) and check that the adapter fits the model; AdapterError otherwise.
-
-    `fits` remembers structures already checked against this model (a zoo shares one).
-    """
-    try:
-        adapter = item if isinstance(item, LoraAdapter) else load_adapter(item)
-        structure = _structure(adapter.spec)
-        if fits is None or structure not in fits:
-            check_fits(model, adapter.spec)
-            if fits is not None:
-                fits.add(structure)
-    except LoraError as e:
-        msg = str(e)
-        raise AdapterError(msg if label in msg else f"{label}: {msg}") from e
-    except (OSError, RuntimeError) as e:
-        raise AdapterError(f"{label}: cannot load adapter ({e})") from e
-    return adapter
-
-
-def _prefetch(
-    items, labels: list[str], model: nn.Module, workers: int, window: int, want_hash: bool
-):
-    """Yield (i, adapter, content hash, None) or (i, None, None, AdapterError) in input order.
-
-    The content hash (only needed for cache keys) is None unless `want_hash`.
-
-    Loading, checking and hashing run `window` adapters ahead in `workers` threads (file reads,
-    safetensors and sha256 release the GIL), so they overlap each other and the forward passes.
-    """
-
-    fits: set = set()
-
-    def prepare(i: int):
-        try:
-            adapter = _load_one(items[i], labels[i], model, fits)
-        except AdapterError as e:
-            return i, None, None, e
-        return i, adapter, adapter_content_hash(adapter) if want_hash else None, None
-
-    if workers <= 1 or len(items) <= 1:
-        for i in range(len(items)):
-            yield prepare(i)
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llgbm-delta-load") as ex:
-        ahead: deque = deque()
-        nxt = 0
-        try:
-            while ahead or nxt < len(items):
-                while nxt < len(items) and len(ahead) < window:
-                    ahead.append(ex.submit(prepare, nxt))
-                    nxt += 1
-                yield ahead.popleft().result()
-        finally:
-            for f in ahead:
-                f.cancel()
 
 
 class _PeftRunner:
@@ -191,20 +129,16 @@ class _PeftRunner:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        # PEFT swaps the target nn.Linear modules for its own layers, which flora's check_fits
-        # does not recognise; adapters are checked against a weightless copy on the meta device.
-        with torch.device("meta"):
-            self.shadow = type(model)(model.config)
         self.peft = None
         self.current: str | None = None
         self.count = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="llgbm-delta-peft-")
 
-    def activation(self, item, adapter: LoraAdapter, batch: ProbeBatch, spec: DeltaSpec):
+    def activation(self, src: Source, adapter: LoraAdapter | None, batch: ProbeBatch, spec):
         from peft import PeftModel
 
-        path = item
-        if isinstance(item, LoraAdapter):
+        path = src.path
+        if src.kind == "memory":
             path = save_adapter(adapter, Path(self._tmp.name) / f"a{self.count}")
         name = f"a{self.count}"
         self.count += 1
@@ -234,11 +168,13 @@ class _PeftRunner:
 
 
 def run_deltas(
-    base: str | Path | tuple,
-    adapters: Sequence[str | Path | LoraAdapter],
+    base: str | Path | tuple | None = None,
+    adapters: Sequence[str | Path | LoraAdapter] | None = None,
     probes: ProbeSet | str | Path | None = None,
     cache: DeltaCache | str | Path | None = None,
     *,
+    model: nn.Module | str | Path | None = None,
+    tokenizer: object | None = None,
     spec: DeltaSpec = DEFAULT_SPEC,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -251,6 +187,11 @@ def run_deltas(
     compile: bool | None = None,
 ) -> DeltaResult:
     """Deltas of `adapters` plus a report (cache hits, failures, timing); see compute_deltas."""
+    base = base_argument(base, model, tokenizer)
+    if adapters is None:
+        raise DeltaError("no adapters given (adapters=[...])")
+    if isinstance(adapters, str | Path | LoraAdapter):
+        adapters = [adapters]
     if method not in METHODS:
         raise DeltaError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if adapters_per_batch < 1:
@@ -259,153 +200,367 @@ def run_deltas(
     probe_set = resolve_probes(probes)
     if cache is not None and not isinstance(cache, DeltaCache):
         cache = DeltaCache(cache)
-    model, tokenizer, base_name = load_base(base, device=device, dtype=dtype)
-    dev = next(model.parameters()).device
-    batch = encode_probes(tokenizer, probe_set, device=dev)
-    fingerprint = model_fingerprint(model)
-    use_compile = dev.type == "cuda" if compile is None else compile
-    info = BaseInfo(
-        fingerprint=fingerprint,
-        name=base_name,
-        hidden_size=int(model.config.hidden_size),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+    run = _Run(
+        base=RunBase(base, device, dtype, cache),
+        adapters=list(adapters),
+        probes=probe_set,
+        cache=cache,
+        spec=spec,
+        adapters_per_batch=adapters_per_batch,
+        adapter_chunk_size=adapter_chunk_size,
+        method=method,
+        progress=progress,
+        keep_going=keep_going,
+        loader_threads=loader_threads,
+        compile=compile,
     )
-    if cache is not None:
-        cache.bind(info)
-        n_problems = len(cache.problems)
+    try:
+        result = run.execute(trust_memo=True)
+    except StaleMemo:
+        log.warning("the delta cache's memo of %s was stale; recomputing it", run.base.name)
+        result = run.execute(trust_memo=False)
+    result.seconds = time.perf_counter() - t0
+    return result
 
-    n = len(adapters)
-    out = np.full((n, info.hidden_size), np.nan, dtype=np.float32)
-    names = [adapter_label(a, i) for i, a in enumerate(adapters)]
-    keys: list[str | None] = [None] * n
-    cached = [False] * n
-    failures: list[DeltaFailure] = []
-    runner = _PeftRunner(model) if method == "peft" else None
 
-    with torch.inference_mode():
-        base_v = runner.base(batch, spec) if runner else activations(model, batch, spec)[0]
+@dataclass
+class _Run:
+    """One run_deltas call: validation, keys, the batched forwards, commits per batch."""
 
-    def meta_for(i: int, adapter_hash: str) -> dict:
-        return {
-            "base_fingerprint": fingerprint,
-            "probe_hash": probe_set.hash,
-            "probe_name": probe_set.name,
-            "token_hash": batch.token_hash,
-            "spec": spec.to_dict(),
-            "spec_hash": spec.hash,
-            "adapter_hash": adapter_hash,
-            "adapter_name": names[i],
-        }
+    base: RunBase
+    adapters: list
+    probes: ProbeSet
+    cache: DeltaCache | None
+    spec: DeltaSpec
+    adapters_per_batch: int
+    adapter_chunk_size: int | None
+    method: str
+    progress: bool
+    keep_going: bool
+    loader_threads: int | None
+    compile: bool | None
 
-    def fail(i: int, err: Exception) -> None:
-        if not keep_going:
-            raise err
-        failures.append(DeltaFailure(names[i], str(err)))
-        log.info("skipped: %s", err)
+    def execute(self, trust_memo: bool) -> DeltaResult:
+        n = len(self.adapters)
+        cache = self.cache
+        self.names = [adapter_label(a, i) for i, a in enumerate(self.adapters)]
+        self.failures: list[DeltaFailure] = []
+        self.pending: dict[object, list[tuple[int, LoraAdapter, str]]] = {}
+        self.runner: _PeftRunner | None = None
+        self.base_v = None
+        self.batch: ProbeBatch | None = None
+        n_problems = len(cache.problems) if cache is not None else 0
 
-    # Pending misses, grouped by LoRA structure (a LoraBatch needs one spec).
-    pending: dict[object, list[tuple[int, LoraAdapter, str]]] = {}
+        # 1. Locate and validate everything before any weights are read.
+        sources: list[Source | None] = [None] * n
+        for i, item in enumerate(self.adapters):
+            try:
+                sources[i] = validate_source(resolve_source(item, self.names[i]), self.base)
+            except AdapterError as e:
+                self._fail(i, e)
+        # 2. What cache keys need from the base (no forward).
+        ident, memo = identity(self.base, self.probes, cache, trust_memo)
+        self.ident = ident
+        if cache is not None:
+            cache.bind(ident.info)
+            cache.memo_put(memo)
+        self._warn_context(ident)
 
-    def flush(group: list[tuple[int, LoraAdapter, str]]) -> None:
-        idx = [i for i, _, _ in group]
+        self.out = np.full((n, ident.info.hidden_size), np.nan, dtype=np.float32)
+        self.keys: list[str | None] = [None] * n
+        self.cached = [False] * n
+        self.counts = {"computed": 0, "cached": 0, "failed": len(self.failures)}
+        self.bar = _progress(n, self.progress, desc=f"deltas ({self.method})")
+        if self.failures:
+            self.bar.update(len(self.failures))  # refused by validation
+        memo_new: dict[str, dict] = {}
+        try:
+            self._loop(sources, memo_new)
+            if self.base_v is not None:
+                with torch.inference_mode():
+                    base_again = (
+                        self.runner.base(self.batch, self.spec)
+                        if self.runner
+                        else activations(self.base.model, self.batch, self.spec)[0]
+                    )
+        finally:
+            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.close()
+            if self.runner is not None:
+                self.runner.close()
+            if cache is not None and (memo_new or self.base.memo_new):
+                cache.memo_put({**self.base.memo_new, **memo_new})
+        if self.base_v is not None:
+            _check_no_drift(self.base_v, base_again, ident.info.fingerprint, self.base.model)
+        corrupt = cache.problems[n_problems:] if cache is not None else []
+        return DeltaResult(
+            deltas=self.out,
+            names=self.names,
+            keys=self.keys,
+            cached=self.cached,
+            failures=self.failures,
+            base=ident.info,
+            probe_name=self.probes.name,
+            probe_hash=self.probes.hash,
+            corrupt=list(corrupt),
+            forward=self.base_v is not None,
+        )
+
+    # -- the loop ----------------------------------------------------------------------
+    def _loop(self, sources: list[Source | None], memo_new: dict) -> None:
+        valid = [i for i, s in enumerate(sources) if s is not None]
+        threads = self.loader_threads
+        if threads is None:
+            # Threads pay off when the forward runs on an accelerator and the CPU is free to load.
+            threads = 1 if self.base.target_device().type == "cpu" else 4
+        workers = min(threads, os.cpu_count() or 1) if self.method == "flora" else 1
+        for i, adapter, h, key, hit, err in _prefetch(
+            sources, valid, self._key_of, self.cache, memo_new, workers, 2 * self.adapters_per_batch
+        ):
+            if err is not None:
+                self._fail(i, err)
+                self._tick("failed")
+                continue
+            self.keys[i] = key
+            if hit is not None:
+                self.out[i], self.cached[i] = hit, True
+                self._tick("cached")
+                continue
+            self._ensure_forward()
+            src = sources[i]
+            if src.kind == "checkpoint":
+                self._checkpoint(i, src, h)
+            elif self.runner is not None:
+                with torch.inference_mode():
+                    v = self.runner.activation(src, adapter, self.batch, self.spec)
+                self._store([(i, adapter, h)], (v - self.base_v).cpu().numpy()[None])
+            else:
+                group = self.pending.setdefault(adapter.spec.structure, [])
+                group.append((i, adapter, h))
+                if len(group) >= self.adapters_per_batch:
+                    self._flush(self.pending.pop(adapter.spec.structure))
+        for group in list(self.pending.values()):
+            self._flush(group)
+        self.pending.clear()
+
+    def _key_of(self, adapter_hash: str) -> str:
+        return entry_key(
+            base_fingerprint=self.ident.info.fingerprint,
+            probe_hash=self.probes.hash,
+            token_hash=self.ident.token_hash,
+            spec_hash=self.spec.hash,
+            adapter_hash=adapter_hash,
+        )
+
+    def _ensure_forward(self) -> None:
+        """Load the base (first miss), check it is what the keys assumed, compute v(base)."""
+        if self.base_v is not None:
+            return
+        model, tokenizer = self.base.load()
+        dev = device_of(model)
+        batch = self.ident.batch or encode_probes(tokenizer, self.probes, device=dev)
+        if self.ident.from_memo and (
+            batch.token_hash != self.ident.token_hash
+            or model_fingerprint(model) != self.ident.info.fingerprint
+        ):
+            raise StaleMemo
+        self.batch = batch
+        self.use_compile = dev.type == "cuda" if self.compile is None else self.compile
+        if self.method == "peft":
+            self.runner = _PeftRunner(model)
+        with torch.inference_mode():
+            self.base_v = (
+                self.runner.base(batch, self.spec)
+                if self.runner
+                else activations(model, batch, self.spec)[0]
+            )
+
+    def _flush(self, group: list[tuple[int, LoraAdapter, str]]) -> None:
+        """One forward for a group of adapters of one structure; commits its deltas."""
+        model, tokenizer = self.base.model, self.base.tokenizer
         try:
             with torch.inference_mode():
-                lora = LoraBatch.from_adapters([a for _, a, _ in group]).to(device=dev)
+                lora = LoraBatch.from_adapters([a for _, a, _ in group]).to(device=device_of(model))
                 d = delta_for_lora(
                     model,
                     tokenizer,
                     lora,
-                    batch,
-                    spec,
-                    base=base_v,
-                    adapter_chunk_size=adapter_chunk_size,
-                    compile=use_compile,
+                    self.batch,
+                    self.spec,
+                    base=self.base_v,
+                    adapter_chunk_size=self.adapter_chunk_size,
+                    compile=self.use_compile,
                 )  # [len(group), H]
             d = d.cpu().numpy()
         except (RuntimeError, ValueError) as e:
-            for i in idx:
-                fail(i, AdapterError(f"{names[i]}: delta computation failed ({e})"))
+            for i, _, _ in group:
+                self._fail(i, AdapterError(f"{self.names[i]}: delta computation failed ({e})"))
+                self._tick("failed")
             return
-        _store(group, d)
+        self._store(group, d)
 
-    def _store(group, d: np.ndarray) -> None:
-        rows = []
+    def _checkpoint(self, i: int, src: Source, h: str) -> None:
+        """A full fine-tuned model: v(checkpoint) - v(base), the same `activations`."""
+        dtype = next(self.base.model.parameters()).dtype
+        try:
+            ft = load_checkpoint(src, dtype=dtype, device=device_of(self.base.model))
+            with torch.inference_mode():
+                v = activations(ft, self.batch, self.spec, compile=self.use_compile)[0]
+            del ft
+        except AdapterError as e:
+            self._fail(i, e)
+            self._tick("failed")
+            return
+        self._store([(i, None, h)], (v - self.base_v).cpu().numpy()[None])
+
+    def _store(self, group, d: np.ndarray) -> None:
+        """Keep and commit the finite rows of a finished batch, then report the others."""
+        rows, bad = [], []
         for (i, _, h), row in zip(group, d):
-            if not np.isfinite(row).all():
-                fail(i, AdapterError(f"{names[i]}: delta is not finite (NaN/inf)"))
-                continue
-            out[i] = row
-            rows.append((meta_for(i, h), row))
-        if cache is not None and rows:
-            cache.put_many(rows)
-
-    bar = _progress(n, progress, desc=f"deltas ({method})")
-    if loader_threads is None:
-        # Threads pay off when the forward runs on an accelerator and the CPU is free to load.
-        loader_threads = 4 if dev.type != "cpu" else 1
-    workers = min(loader_threads, os.cpu_count() or 1) if runner is None else 1
-    check_model = runner.shadow if runner else model
-    try:
-        for i, adapter, h, err in _prefetch(
-            adapters, names, check_model, workers, 2 * adapters_per_batch, cache is not None
-        ):
-            item = adapters[i]
-            if err is not None:
-                fail(i, err)
-                bar.update(1)
-                continue
-            hit = None
-            if cache is not None:
-                keys[i] = entry_key(
-                    base_fingerprint=fingerprint,
-                    probe_hash=probe_set.hash,
-                    token_hash=batch.token_hash,
-                    spec_hash=spec.hash,
-                    adapter_hash=h,
-                )
-                hit = cache.get(keys[i])
-            if hit is not None:
-                out[i], cached[i] = hit, True
-            elif runner is not None:
-                with torch.inference_mode():
-                    v = runner.activation(item, adapter, batch, spec)
-                _store([(i, adapter, h)], (v - base_v).cpu().numpy()[None])
+            if np.isfinite(row).all():
+                self.out[i] = row
+                rows.append((self._meta(i, h), row))
             else:
-                structure = _structure(adapter.spec)
-                group = pending.setdefault(structure, [])
-                group.append((i, adapter, h))
-                if len(group) >= adapters_per_batch:
-                    flush(pending.pop(structure))
-            bar.update(1)
-        for group in pending.values():
-            flush(group)
-        pending.clear()
+                bad.append(i)
+        if self.cache is not None and rows:
+            self.cache.put_many(rows)  # committed now: a later interruption keeps these
+        self._tick("computed", len(rows))
+        for i in bad:
+            self._fail(i, AdapterError(f"{self.names[i]}: delta is not finite (NaN/inf)"))
+            self._tick("failed")
 
-        with torch.inference_mode():
-            base_again = runner.base(batch, spec) if runner else activations(model, batch, spec)[0]
-    finally:
-        bar.close()
-        if runner is not None:
-            runner.close()
-    _check_no_drift(base_v, base_again, fingerprint, model)
-    corrupt = cache.problems[n_problems:] if cache is not None else []
-    return DeltaResult(
-        deltas=out,
-        names=names,
-        keys=keys,
-        cached=cached,
-        failures=failures,
-        base=info,
-        probe_name=probe_set.name,
-        probe_hash=probe_set.hash,
-        seconds=time.perf_counter() - t0,
-        corrupt=list(corrupt),
-    )
+    def _meta(self, i: int, adapter_hash: str) -> dict:
+        return {
+            "base_fingerprint": self.ident.info.fingerprint,
+            "probe_hash": self.probes.hash,
+            "probe_name": self.probes.name,
+            "token_hash": self.ident.token_hash,
+            "spec": self.spec.to_dict(),
+            "spec_hash": self.spec.hash,
+            "adapter_hash": adapter_hash,
+            "adapter_name": self.names[i],
+        }
+
+    def _fail(self, i: int, err: Exception) -> None:
+        if not self.keep_going:
+            self._commit_pending()
+            raise err
+        self.failures.append(DeltaFailure(self.names[i], str(err)))
+        log.info("skipped: %s", err)
+
+    def _commit_pending(self) -> None:
+        """Before stopping on a bad adapter: compute and commit the batches already loaded."""
+        groups, self.pending = list(self.pending.values()), {}
+        if self.base_v is None:
+            return
+        self.keep_going = True  # a failure inside these batches must not hide the first one
+        try:
+            for group in groups:
+                self._flush(group)
+        finally:
+            self.keep_going = False
+
+    def _tick(self, what: str, k: int = 1) -> None:
+        if k:
+            self.counts[what] += k
+            self.bar.set_postfix(self.counts, refresh=False)
+            self.bar.update(k)
+
+    def _warn_context(self, ident: Identity) -> None:
+        limit, max_len = ident.context, ident.max_len
+        if limit is not None and max_len > limit:
+            warnings.warn(
+                DeltaWarning(
+                    f"probe set {self.probes.name!r}: the longest probe has {max_len} tokens, "
+                    f"more than {self.base.name}'s context of {limit} (max_position_embeddings); "
+                    "positions past it are outside what the model was trained on"
+                ),
+                stacklevel=4,
+            )
 
 
-def _structure(spec) -> tuple:
-    """What adapters must share to go into one LoraBatch (not the base_model string)."""
-    return (spec.target_modules, spec.layers, spec.rank, spec.scale, spec.shapes)
+def _prefetch(sources, valid, key_of, cache, memo_new, workers: int, window: int):
+    """Yield (i, adapter, content hash, key, cached delta, error) for `valid`, in order.
+
+    Each item is hashed (from the memo when its files are unchanged), looked up in the cache,
+    and loaded only if missing (a full checkpoint is loaded later, by the forward). Loading,
+    hashing and lookups run `window` items ahead in `workers` threads (file reads, safetensors
+    and sha256 release the GIL), overlapping each other and the forward passes.
+    """
+
+    def prepare(i: int):
+        src = sources[i]
+        try:
+            adapter, h = _content(src, cache, memo_new)
+            key = hit = None
+            if cache is not None:
+                key = key_of(h)
+                hit = cache.get(key)
+            if hit is None and adapter is None and src.kind == "lora":
+                adapter = _load_lora(src)
+            return i, adapter, h, key, hit, None
+        except AdapterError as e:
+            return i, None, None, None, None, e
+
+    if workers <= 1 or len(valid) <= 1:
+        for i in valid:
+            yield prepare(i)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llgbm-delta-load") as ex:
+        ahead: deque = deque()
+        nxt = 0
+        try:
+            while ahead or nxt < len(valid):
+                while nxt < len(valid) and len(ahead) < window:
+                    ahead.append(ex.submit(prepare, valid[nxt]))
+                    nxt += 1
+                yield ahead.popleft().result()
+        finally:
+            for f in ahead:
+                f.cancel()
+
+
+def _content(src: Source, cache, memo_new: dict) -> tuple[LoraAdapter | None, str | None]:
+    """(the adapter if it had to be loaded, its content hash); the hash from the memo if known.
+
+    Without a cache no hash is needed (None), and only a LoRA's tensors are read.
+    """
+    if cache is None:
+        return (_load_lora(src) if src.kind == "lora" else src.adapter), None
+    if src.kind == "memory":
+        return src.adapter, adapter_content_hash(src.adapter)
+    try:
+        memo_key = f"{src.kind}:{files_identity(src.identity_files())}"
+    except OSError as e:
+        raise AdapterError(f"{src.label}: cannot read ({e})") from e
+    known = cache.memo_get(memo_key)
+    if known is not None and isinstance(known.get("hash"), str):
+        return None, known["hash"]
+    if src.kind == "lora":
+        adapter = _load_lora(src)
+        h = adapter_content_hash(adapter)
+    else:
+        adapter = None
+        try:
+            h = checkpoint_content_hash(src.config, src.weights)
+        except (OSError, ValueError, KeyError) as e:
+            raise AdapterError(f"{src.label}: cannot read checkpoint weights ({e})") from e
+    memo_new[memo_key] = {"hash": h}
+    return adapter, h
+
+
+def _load_lora(src: Source) -> LoraAdapter:
+    """The tensors of a validated PEFT directory; AdapterError if they no longer match."""
+    try:
+        adapter = load_adapter(src.path)
+    except LoraError as e:
+        msg = str(e)
+        raise AdapterError(msg if src.label in msg else f"{src.label}: {msg}") from e
+    except (OSError, RuntimeError) as e:
+        raise AdapterError(f"{src.label}: cannot load adapter ({e})") from e
+    if adapter.spec != src.spec:
+        raise AdapterError(f"{src.label}: the adapter changed on disk while deltas were computed")
+    return adapter
 
 
 def _check_no_drift(first, again, fingerprint: str, model: nn.Module) -> None:
@@ -428,11 +583,13 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def compute_deltas(
-    base: str | Path | tuple,
-    adapters: Sequence[str | Path | LoraAdapter],
+    base: str | Path | tuple | None = None,
+    adapters: Sequence[str | Path | LoraAdapter] | None = None,
     probes: ProbeSet | str | Path | None = None,
     cache: DeltaCache | str | Path | None = None,
     *,
+    model: nn.Module | str | Path | None = None,
+    tokenizer: object | None = None,
     spec: DeltaSpec = DEFAULT_SPEC,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
@@ -444,14 +601,18 @@ def compute_deltas(
     loader_threads: int | None = None,
     compile: bool | None = None,
 ) -> np.ndarray:
-    """Delta activations of `adapters` on `base`: float32 numpy [len(adapters), hidden].
+    """Delta activations of `adapters` on the base: float32 numpy [len(adapters), hidden].
 
-    base: an HF id or path (loaded with AutoModelForCausalLM + AutoTokenizer) or a
-    (model, tokenizer) pair. adapters: PEFT adapter directories or LoraAdapter objects, all
-    for this base. probes: a ProbeSet, "generic" (default), a domain name, or a probe file.
-    cache: a DeltaCache (or its directory) to read hits from and store new deltas in.
-    Without `keep_going` the first bad adapter raises AdapterError (deltas already computed
-    stay cached); with it, failed rows are NaN (use `run_deltas` for the list of failures).
+    The base: `model=` and `tokenizer=` (an HF model and its tokenizer, as transformers and PEFT
+    take them), `model=` an HF id or path alone, or the older positional `base` (an id/path or
+    a (model, tokenizer) pair). adapters: PEFT adapter directories (LoRA, DoRA, rank/alpha
+    patterns, layers_to_transform), hub ids (`org/name[@revision]`), full fine-tuned checkpoint
+    directories (safetensors) or LoraAdapter objects, all for this base. probes: a ProbeSet,
+    "generic" (default), a domain name, or a probe file. cache: a DeltaCache (or its directory)
+    to read hits from and commit new deltas to, batch by batch.
+    Every adapter is validated before the model loads. Without `keep_going` the first bad one
+    raises AdapterError (batches already computed are committed first); with it, failed rows
+    are NaN (use `run_deltas` for the list of failures).
     adapters_per_batch: adapters per forward (n adapters x P probes rows); adapter_chunk_size:
     flora's micro-batching inside that forward (memory); loader_threads: threads loading and
     hashing adapters ahead of the forward passes (default: 4 on an accelerator, 1 on CPU).
@@ -463,6 +624,8 @@ def compute_deltas(
         adapters,
         probes,
         cache,
+        model=model,
+        tokenizer=tokenizer,
         spec=spec,
         device=device,
         dtype=dtype,

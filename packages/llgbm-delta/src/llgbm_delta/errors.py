@@ -25,3 +25,8 @@ class BaseModelError(DeltaError):
 
 class CacheError(DeltaError):
     """A cache directory is unusable (wrong format, or written for another base model)."""
+
+
+class DeltaWarning(UserWarning):
+    """Something the deltas will be computed despite, but that the user should know (for
+    example probes longer than the model's context)."""

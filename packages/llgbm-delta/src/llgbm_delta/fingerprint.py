@@ -13,15 +13,27 @@
     misses the sample would not be seen, which is the price of not hashing 3 GB on every run.
 
 `adapter_content_hash(adapter)` = sha256 over the fields of the LoRA structure that change the
-computation (rank, alpha, rsLoRA, target modules, layers, shapes) and every A and B tensor's
-dtype, shape and bytes in canonical (layer, module) order. The path and the
-`base_model_name_or_path` string do not count, so a moved adapter keeps its hash.
+computation (rank, alpha, rsLoRA, target modules, layers, shapes; per-key ranks and alphas and
+DoRA when used) and every A and B tensor's (and DoRA magnitude's) dtype, shape and bytes in
+canonical (layer, module) order. The path and the `base_model_name_or_path` string do not
+count, so a moved adapter keeps its hash. A plain LoRA hashes as it always did.
+
+`checkpoint_content_hash(path)` = sha256 over a full fine-tuned checkpoint's config (without
+runtime switches) and every tensor of its safetensors files: name, dtype, shape and bytes,
+sorted by name, so resharding or re-saving the same weights keeps the hash.
+
+`files_identity(paths)`: names, sizes, mtimes, ctimes and inodes of files, the memo key under
+which the cache remembers hashes computed from them (any write changes a file's ctime).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
+import struct
+from pathlib import Path
 
 import torch
 
@@ -108,13 +120,67 @@ def adapter_content_hash(adapter) -> str:
         "layers": sorted(int(i) for i in spec.layers),
         "shapes": sorted([list(s) for s in spec.shapes]),
     }
+    if not spec.uniform or spec.use_dora:  # absent for a plain LoRA: its hash stays the same
+        structure["rank_pattern"] = [[list(k), r] for k, r in spec.rank_pattern]
+        structure["alpha_pattern"] = [[list(k), a] for k, a in spec.alpha_pattern]
+        structure["use_dora"] = spec.use_dora
     h.update(json.dumps(structure, sort_keys=True, separators=(",", ":")).encode())
+    parts = [("A", adapter.A), ("B", adapter.B)]
+    if adapter.magnitude is not None:
+        parts.append(("M", adapter.magnitude))
     for key in sorted(set(adapter.A) | set(adapter.B)):
-        for part, tensors in (("A", adapter.A), ("B", adapter.B)):
+        for part, tensors in parts:
             t = tensors.get(key)
             if t is None:
                 h.update(f"\0{part}{key}\0missing".encode())
                 continue
             h.update(f"\0{part}{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
+def files_identity(paths) -> str:
+    """sha256 of each file's name, size, mtime, ctime and inode (symlinks followed).
+
+    Cheap (one stat per file) and changed by any write to a file; equal identities mean the
+    same bytes unless a file was edited and its ctime forged, which needs root.
+    """
+    h = hashlib.sha256(b"llgbm-files-identity/1\0")
+    for p in sorted(Path(p) for p in paths):
+        st = os.stat(p)
+        h.update(f"{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode())
+        h.update(f"{st.st_ino}\0{st.st_dev}\0".encode())
+    return h.hexdigest()
+
+
+def checkpoint_content_hash(config: dict, weight_files) -> str:
+    """sha256 of a full checkpoint: its config and every safetensors tensor (see module doc)."""
+    h = hashlib.sha256(b"llgbm-checkpoint-content/1\0")
+    d = {k: v for k, v in config.items() if not k.startswith("_") and k not in _CONFIG_IGNORE}
+    h.update(json.dumps(d, sort_keys=True, default=str, separators=(",", ":")).encode())
+    tensors = []
+    for path in weight_files:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, info in header.items():
+            if name != "__metadata__":
+                tensors.append((name, info, Path(path), 8 + n))
+    tensors.sort(key=lambda t: t[0])
+    maps: dict[Path, mmap.mmap] = {}
+    try:
+        for name, info, path, start in tensors:
+            if path not in maps:
+                with open(path, "rb") as f:
+                    maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            lo, hi = info["data_offsets"]
+            h.update(f"\0{name}\0{info['dtype']}\0{tuple(info['shape'])}\0".encode())
+            view = memoryview(maps[path])
+            try:
+                h.update(view[start + lo : start + hi])
+            finally:
+                view.release()
+    finally:
+        for m in maps.values():
+            m.close()
     return h.hexdigest()

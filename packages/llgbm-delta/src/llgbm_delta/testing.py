@@ -102,11 +102,14 @@ def make_peft_adapter(
     std_a: float = 0.3,
     std_b: float = 0.3,
     zero_b: bool = False,
+    **config,
 ) -> Path:
     """Write a PEFT LoRA adapter for `model` with seeded random A and B (B = 0 if `zero_b`).
 
     The model is deep-copied, so it is never touched. `base_model_name_or_path` is the model's
-    own `name_or_path` (its directory when loaded from disk), as PEFT writes it.
+    own `name_or_path` (its directory when loaded from disk), as PEFT writes it. Other keyword
+    arguments go to `LoraConfig` (use_dora, rank_pattern, alpha_pattern, layers_to_transform,
+    use_rslora, ...); DoRA magnitudes are moved off their initial value (where DoRA equals LoRA).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -115,6 +118,7 @@ def make_peft_adapter(
         lora_alpha=alpha,
         target_modules=list(target_modules),
         lora_dropout=0.0,
+        **config,
     )
     peft_model = get_peft_model(copy.deepcopy(model), cfg)
     gen = torch.Generator().manual_seed(seed)
@@ -126,6 +130,8 @@ def make_peft_adapter(
                 p.copy_(
                     torch.zeros(p.shape) if zero_b else torch.randn(p.shape, generator=gen) * std_b
                 )
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.5 * torch.rand(p.shape, generator=gen))
     path = Path(path)
     peft_model.save_pretrained(path)
     return path
