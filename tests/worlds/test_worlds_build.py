@@ -11,7 +11,9 @@ import torch
 from llgbm_worlds import World, build_world, show_world
 from llgbm_worlds.errors import BuildError, UnknownNameError, WorldIncompleteError
 from llgbm_worlds.families import Example
+from llgbm_worlds.presets import get_preset
 from llgbm_worlds.scoring import score, score_fast
+from llgbm_worlds.show import summary
 from llgbm_worlds.testing import THREADS
 
 
@@ -44,6 +46,14 @@ def test_manifest_fields(tiny_world, tiny_world_dir):
     assert splits_of == {0, 1}  # disjoint data splits
     for t in tiny_world.teachers:
         assert (t.path / "adapter_model.safetensors").is_file()
+
+
+def test_test_preset_teachers_learn(tiny_world):
+    # The suite's world must be able to show behaviour, not only plumbing: its teachers beat the
+    # base by >= 20 points (mean exact match over single-task teachers' last checkpoints).
+    s = summary(tiny_world)
+    assert s["base_accuracy"] <= 0.05
+    assert s["teacher_accuracy_last"] >= s["base_accuracy"] + 0.20
 
 
 def test_teachers_load_in_peft_and_change_the_model(tiny_world, tiny_base):
@@ -106,26 +116,29 @@ def test_show_world_prints_tables(tiny_world_dir, tiny_world):
 def test_interrupted_build_resumes_to_the_same_world(tmp_path, tiny_world_dir, monkeypatch):
     import llgbm_worlds.zoo as zoo
 
-    real = zoo.train_run
+    real = zoo.train_runs
     calls = {"n": 0}
 
-    def dies_after_three(*a, **k):
+    def dies_in_the_second_chunk(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 3:
-            real(*a, **k)  # writes part of a run into its tmp dir, then "the process dies"
+        if calls["n"] == 2:
+            real(*a, **k)  # writes its checkpoints into the runs' tmp dirs, then "the process dies"
             raise KeyboardInterrupt
         return real(*a, **k)
 
     out = tmp_path / "w"
-    monkeypatch.setattr(zoo, "train_run", dies_after_three)
+    monkeypatch.setattr(zoo, "train_runs", dies_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
         build_world("tiny", out, preset="test", progress=False, threads=THREADS)
     assert not (out / "world.json").exists()
-    assert list((out / "teachers").rglob(".split*.tmp"))  # the half-written run
+    assert list((out / "teachers").rglob(".split*.tmp"))  # the half-written chunk's runs
+    first_chunk = len(list((out / "teachers").rglob("split*/.done.json")))
+    assert first_chunk == get_preset("tiny", "test").zoo.chunk
     with pytest.raises(WorldIncompleteError, match="resume it with `llgbm world build tiny"):
         World.load(out)
-    monkeypatch.setattr(zoo, "train_run", real)
+    calls["n"] = 10  # from here on every call trains normally
     build_world("tiny", out, preset="test", progress=False, threads=THREADS)
+    assert calls["n"] == 11  # the finished chunk was not trained again
     assert not list(out.rglob("*.tmp"))
     fresh = json.loads((out / "world.json").read_text())
     cached = json.loads((tiny_world_dir / "world.json").read_text())
@@ -135,19 +148,20 @@ def test_interrupted_build_resumes_to_the_same_world(tmp_path, tiny_world_dir, m
 
 
 def test_disk_full_is_one_line_and_resumable(tmp_path, tiny_world_dir, monkeypatch):
-    from peft import PeftModel
+    import llgbm_worlds.zoo as zoo
 
     out = tmp_path / "w"
     shutil.copytree(tiny_world_dir, out)
     (out / "world.json").unlink()
     shutil.rmtree(out / "teachers" / "prefix_old")
-    victim = out / "teachers" / "code_beta" / "split1" / "step0008" / "adapter_model.safetensors"
+    first = f"step{get_preset('tiny', 'test').zoo.checkpoints[0]:04d}"
+    victim = out / "teachers" / "code_beta" / "split1" / first / "adapter_model.safetensors"
     victim.write_bytes(b"corrupt")
 
-    def full(self, *a, **k):
+    def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(PeftModel, "save_pretrained", full)
+    monkeypatch.setattr(zoo, "save_adapter", full)
     with pytest.raises(BuildError, match="No space left on device") as e:
         build_world("tiny", out, preset="test", progress=False, threads=THREADS)
     assert "\n" not in str(e.value)
@@ -175,8 +189,9 @@ def test_bad_names_and_missing_worlds(tmp_path):
 def test_missing_adapter_is_named(tmp_path, tiny_world_dir):
     out = tmp_path / "w"
     shutil.copytree(tiny_world_dir, out)
-    shutil.rmtree(out / "teachers" / "code_alpha" / "split0" / "step0016")
-    with pytest.raises(WorldIncompleteError, match="code_alpha/split0/step0016"):
+    last = f"step{get_preset('tiny', 'test').zoo.checkpoints[-1]:04d}"
+    shutil.rmtree(out / "teachers" / "code_alpha" / "split0" / last)
+    with pytest.raises(WorldIncompleteError, match=f"code_alpha/split0/{last}"):
         World.load(out)
 
 

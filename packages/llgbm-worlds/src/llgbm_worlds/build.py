@@ -318,8 +318,8 @@ def _scorer_for(kind: str) -> Scorer:
     from llgbm_worlds.scoring import score, score_fast
 
     if kind == "tiny":
-        return lambda m, t, items: score_fast(m, t, items)
-    return lambda m, t, items: score(m, t, items)
+        return lambda m, t, items, adapter=None: score_fast(m, t, items, adapter=adapter)
+    return lambda m, t, items, adapter=None: score(m, t, items, adapter=adapter)
 
 
 def build_world(

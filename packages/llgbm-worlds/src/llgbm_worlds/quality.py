@@ -2,9 +2,11 @@
 
 ``measure_world(dir)`` computes, over the single-task teachers of the world, the silhouette score
 (cosine distance) of their Delta Activations on the generic probes grouped by family, the same
-grouped by task, and the family silhouette of their flattened LoRA weights (A and B concatenated)
-for comparison. Deltas come from the world's delta cache (``llgbm_worlds.deltas``), so a second
-call, or one after training, computes nothing.
+grouped by task, the family silhouette of their flattened LoRA weights (A and B concatenated)
+for comparison, and how aligned the zoo's weights are: the mean cosine of A, of B and of
+delta-W = scale * B A between two checkpoints of one run, two runs of one task (other data
+splits) and teachers of different tasks (``weight_cosines``). Deltas come from the world's delta
+cache (``llgbm_worlds.deltas``), so a second call, or one after training, computes nothing.
 """
 
 from __future__ import annotations
@@ -53,20 +55,49 @@ def silhouette(dist: np.ndarray, labels: list[str]) -> float:
     return float(np.mean(scores))
 
 
-def flat_weights(paths: list[Path]) -> np.ndarray:
-    """[n, n_params] flattened LoRA A and B tensors of PEFT adapters (same structure)."""
+def _flat_parts(path: Path) -> dict[str, np.ndarray]:
     from llgbm_flora import load_adapter
 
-    rows = []
-    for p in paths:
-        a = load_adapter(p)
-        order = a.spec.keys()  # LoraSpec.keys(): (layer, module) pairs in a stable order
-        rows.append(
-            np.concatenate(
-                [t.detach().float().flatten().numpy() for k in order for t in (a.A[k], a.B[k])]
-            )
-        )
-    return np.stack(rows)
+    a = load_adapter(path)
+    order = a.spec.keys()  # LoraSpec.keys(): (layer, module) pairs in a stable order
+    flat = lambda ts: np.concatenate([t.detach().float().flatten().numpy() for t in ts])  # noqa: E731
+    return {
+        "A": flat(a.A[k] for k in order),
+        "B": flat(a.B[k] for k in order),
+        "delta_w": flat(a.delta_weight(k) for k in order),
+    }
+
+
+def flat_weights(paths: list[Path]) -> np.ndarray:
+    """[n, n_params] flattened LoRA A and B tensors of PEFT adapters (same structure)."""
+    return np.stack([np.concatenate([p["A"], p["B"]]) for p in map(_flat_parts, paths)])
+
+
+def weight_cosines(teachers: list) -> dict[str, dict[str, float]]:
+    """Mean cosine of flattened A, B and delta-W over pairs of teachers, by how they relate.
+
+    ``same_run``: two checkpoints of one run; ``same_task``: runs of one task on other data
+    splits; ``different_tasks``: everything else. ``teachers``: TeacherInfo rows of one world.
+    """
+    parts = [_flat_parts(t.path) for t in teachers]
+    out: dict[str, dict[str, float]] = {}
+    for name in ("A", "B", "delta_w"):
+        x = np.stack([p[name] for p in parts]).astype(np.float64)  # [n, d]
+        x /= np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+        cos = x @ x.T  # [n, n]
+        groups: dict[str, list[float]] = {"same_run": [], "same_task": [], "different_tasks": []}
+        for i in range(len(teachers)):
+            for j in range(i + 1, len(teachers)):
+                a, b = teachers[i], teachers[j]
+                if a.task != b.task:
+                    key = "different_tasks"
+                elif a.data_split == b.data_split:
+                    key = "same_run"
+                else:
+                    key = "same_task"
+                groups[key].append(float(cos[i, j]))
+        out[name] = {k: float(np.mean(v)) if v else float("nan") for k, v in groups.items()}
+    return out
 
 
 def measure_world(path: str | Path, *, device: str | None = None, progress: bool = False) -> dict:
@@ -86,6 +117,8 @@ def measure_world(path: str | Path, *, device: str | None = None, progress: bool
     # does a family collapse to one point? (Its checkpoints and data splits form each group.)
     out["silhouette_delta_task"] = silhouette_cosine(deltas, [t.task for t in teachers])
     out["silhouette_weights"] = silhouette_cosine(flat_weights([t.path for t in teachers]), labels)
+    out["cosine"] = weight_cosines(teachers)
+    out["init"] = w.init
     out["max_base_accuracy"] = max(
         (t.base_accuracy for t in w.tasks if not math.isnan(t.base_accuracy)), default=float("nan")
     )

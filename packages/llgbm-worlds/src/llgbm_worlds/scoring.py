@@ -102,8 +102,21 @@ def _with_adapter(model, tokenizer, items, adapter, max_new_tokens, batch_size) 
 
 
 @torch.no_grad()
-def score_fast(model, tokenizer, items: Sequence[Example], *, batch_size: int = 256) -> list[bool]:
-    """The booleans ``score`` gives, from one teacher-forced pass (see the module docstring)."""
+def score_fast(
+    model, tokenizer, items: Sequence[Example], *, adapter=None, batch_size: int = 256
+) -> list[bool]:
+    """The booleans ``score`` gives, from one teacher-forced pass (see the module docstring).
+
+    ``adapter``: None (the model as is) or an ``llgbm_flora`` LoraAdapter, applied functionally
+    (the model is not changed).
+    """
+    if adapter is not None:
+        from llgbm_flora import functional_forward
+
+        def forward(**batch):
+            return functional_forward(model, adapter, **batch)
+    else:
+        forward = model
     was_training = model.training
     model.eval()
     out: list[bool] = []
@@ -113,7 +126,7 @@ def score_fast(model, tokenizer, items: Sequence[Example], *, batch_size: int = 
                 encode(tokenizer, items[start : start + batch_size]), tokenizer.pad_token_id
             )
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            logits = model(
+            logits = forward(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits  # [n, width, vocab]
             pred = logits[:, :-1].argmax(-1)  # [n, width-1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -45,8 +46,11 @@ def default_root() -> Path:
 
 
 def test_world(root: str | Path | None = None, *, seed: int = 0, preset: str = "test") -> Path:
-    """Directory of a built tiny world of ``preset`` (``test`` or ``test-independent``) under
-    ``root`` (built on first use)."""
+    """Directory of a built tiny world of ``preset`` under ``root`` (built on first use).
+
+    ``preset``: ``test`` (shared LoRA init) or ``test-independent`` (one init per run; it reuses
+    the ``test`` world's base rather than pretraining the same one again).
+    """
     from llgbm_worlds.build import build_world
 
     root = Path(root) if root is not None else default_root()
@@ -55,5 +59,19 @@ def test_world(root: str | Path | None = None, *, seed: int = 0, preset: str = "
     out = root / f"llgbm-test-world-{code_key()}-s{seed}{suffix}"
     with file_lock(root / f".{out.name}.lock", what=f"test world {out}", timeout=None):
         if not (out / "world.json").is_file():
+            if preset != "test" and not (out / "base").exists():
+                _share_base(root, out, preset, seed)
             build_world("tiny", out, preset=preset, seed=seed, progress=False, threads=THREADS)
     return out
+
+
+def _share_base(root: Path, out: Path, preset: str, seed: int) -> None:
+    """Copy the ``test`` world's base into ``out`` when ``preset`` pretrains the same one.
+
+    The build checks the copy's fingerprint and sha256 like any base it resumes from.
+    """
+    from llgbm_worlds.presets import get_preset
+
+    if get_preset("tiny", preset).model == get_preset("tiny", "test").model:
+        donor = test_world(root, seed=seed)
+        shutil.copytree(donor / "base", out / "base")

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llgbm_worlds.data import collate, encode
+from llgbm_worlds.data import collate, encode, hidden_states, response_loss
 from llgbm_worlds.families import (
     ADJECTIVES,
     CODE_WORDS,
@@ -183,8 +183,19 @@ def build_base(cfg: TinyModelConfig, *, seed: int, progress: bool = True):
 
 
 def pretrain(model, tokenizer, cfg: TinyModelConfig, *, seed: int, progress: bool = True) -> float:
-    """Response-only LM training on generic skills; returns the mean loss of the last 50 steps."""
+    """Response-only LM training on generic skills; returns the mean loss of the last 50 steps.
+
+    Every step's examples are drawn up front (the same stream as drawing them step by step) and
+    tokenized in one call; each step runs llgbm-flora's fused forward on its rows packed (no work
+    on padding) and computes logits at the response positions only.
+    """
     rng = random.Random(f"pretrain:{seed}")
+    n = cfg.steps * cfg.batch
+    data = collate(
+        encode(tokenizer, [pretrain_example(rng, cfg.echo_weight) for _ in range(n)]),
+        tokenizer.pad_token_id,
+    )
+    lengths = data["attention_mask"].sum(1)  # [n]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     warm = max(1, cfg.steps // 20)
 
@@ -197,12 +208,12 @@ def pretrain(model, tokenizer, cfg: TinyModelConfig, *, seed: int, progress: boo
     model.train()
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="pretrain tiny base", disable=not progress, leave=False)
-    for _ in bar:
-        batch = collate(
-            encode(tokenizer, [pretrain_example(rng, cfg.echo_weight) for _ in range(cfg.batch)]),
-            tokenizer.pad_token_id,
-        )
-        loss = model(**batch).loss
+    for step in bar:
+        rows = slice(step * cfg.batch, (step + 1) * cfg.batch)
+        T = int(lengths[rows].max())
+        ids = data["input_ids"][rows, :T].contiguous()  # [batch, T]
+        labels = data["labels"][rows, :T]  # [batch, T]
+        loss = response_loss(model, hidden_states(model, None, ids, lengths[rows]), labels)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
