@@ -37,3 +37,7 @@ compute-deltas *args:
 # Train a config from configs/ and evaluate it on held-out tasks: `just train delta_multi training.steps=50`.
 train config *args:
     uv run llgbm train configs/{{config}}.yaml {{args}}
+
+# Open the explorer (Streamlit on 127.0.0.1:8501) over a world, its delta cache and runs: `just explorer --world worlds/tiny --runs runs`.
+explorer *args:
+    uv run llgbm-explorer "$@"
