@@ -116,10 +116,12 @@ class Explorer:
 class Chromium:
     """Headless Chromium with a DevTools websocket to one page target."""
 
-    def __init__(self, *, width: int = 1400, height: int = 1000):
+    def __init__(self, *, width: int = 1400, height: int = 1300):
         self.width, self.height = width, height
 
     def __enter__(self) -> Chromium:
+        from contextlib import ExitStack
+
         from websockets.sync.client import connect
 
         self.profile = tempfile.mkdtemp(prefix="llgbm-chromium-")
@@ -148,7 +150,10 @@ class Chromium:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("chromium did not start its DevTools endpoint") from None
                 time.sleep(0.3)
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=64 << 20)
+        self._stack = ExitStack()
+        self.ws = self._stack.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=64 << 20)
+        )
         self._id = 0
         self.call("Page.enable")
         return self
@@ -163,12 +168,12 @@ class Chromium:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
 
-    def open(self, url: str, title: str, *, timeout: float = 120, settle: float = 0.5) -> Page:
+    def open(self, url: str, title: str, *, timeout: float = 300, settle: float = 0.5) -> Page:
         """Navigate to ``url``, wait until the page titled ``title`` is drawn, then screenshot."""
         t0 = time.perf_counter()
         self.call("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
-        state = None
+        state, done_at = None, None
         while time.monotonic() < deadline:
             time.sleep(0.1)
             r = self.call("Runtime.evaluate", expression=PROBE, returnByValue=True)
@@ -176,8 +181,9 @@ class Chromium:
             seen = json.loads(value) if value else None
             if seen and (seen["title"] == title or seen["errors"]):
                 state = seen
+                done_at = done_at or time.monotonic()
                 # A chart's SVG appears a moment after the script ends: wait for it briefly.
-                if state["plots"] > 0 or time.perf_counter() - t0 > 15:
+                if state["plots"] > 0 or time.monotonic() - done_at > 10:
                     break
         if state is None:
             raise TimeoutError(f"{url}: the page did not finish drawing in {timeout:.0f} s")
@@ -190,7 +196,7 @@ class Chromium:
 
     def __exit__(self, *exc) -> None:
         try:
-            self.ws.close()
+            self._stack.close()
         finally:
             self.proc.terminate()
             try:

@@ -105,4 +105,4 @@ def test_curves_pair_each_metric_with_its_baseline():
             "note": ["a", "b"],
         }
     )
-    assert analysis.curves(m) == [("loss", None), ("loss_w", "loss_w_baseline"), ("lr", None)]
+    assert analysis.curves(m) == [("loss_w", "loss_w_baseline"), ("loss", None), ("lr", None)]

@@ -95,6 +95,7 @@ def test_composition_reads_the_compose_report(demo, demo_folders, tmp_path):
     assert any("ties" in set(df.get("adapter", [])) for df in frames)
     # The cluster page shows the report's weight and delta-W baselines for this world.
     at = open_app(dataclasses.replace(f, runs=runs), "clusters")
+    assert not at.exception, [e.value for e in at.exception]
     frames = [d.value for d in at.dataframe]
     assert any(
         list(df.get("representation", [])) == ["delta", "weights", "delta_w"] for df in frames
@@ -196,3 +197,15 @@ def test_pages_without_deltas_do_not_import_torch(demo, page):
 def test_the_delta_map_does_not_import_torch(demo):
     out = page_in_subprocess(demo_args(demo), "delta_map")
     assert "plots 1" in out and "torch False" in out
+
+
+def test_a_warm_delta_map_redraw_is_fast(demo_folders):
+    """After the first visit the loaders are cached: a redraw reads and computes nothing."""
+    import time
+
+    at = open_app(demo_folders)
+    at.run()  # the second visit fills the projection cache for this selection
+    t0 = time.perf_counter()
+    at.run()
+    assert time.perf_counter() - t0 < 2.0
+    assert len(at.get("plotly_chart")) == 1

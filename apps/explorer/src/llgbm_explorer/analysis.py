@@ -123,11 +123,13 @@ def curves(metrics: pd.DataFrame) -> list[tuple[str, str | None]]:
     """(metric, its trivial baseline column or None) for every numeric logged metric.
 
     The trainer logs each loss beside ``<loss>_baseline`` (the same loss of a trivial predictor);
-    those columns are paired with their metric, not drawn alone.
+    those columns are paired with their metric, not drawn alone. Metrics with a baseline come
+    first, then the other losses, then the rest (learning rate, schedules, gradient norm).
     """
     cols = [
         c
         for c in metrics.columns
         if c != "step" and pd.api.types.is_numeric_dtype(metrics[c]) and not c.endswith("_baseline")
     ]
-    return [(c, f"{c}_baseline" if f"{c}_baseline" in metrics.columns else None) for c in cols]
+    pairs = [(c, f"{c}_baseline" if f"{c}_baseline" in metrics.columns else None) for c in cols]
+    return sorted(pairs, key=lambda p: (p[1] is None, not p[0].startswith("loss")))

@@ -369,9 +369,10 @@ def read_deltas(
             rows.append({**{c: row[c] for c in TEACHER_COLUMNS}, "key": key})
     hidden = int(entries[0].hidden_size)
     meta = pd.DataFrame(rows, columns=[*TEACHER_COLUMNS, "key"])
-    order = meta.sort_values(["source", "family", "task", "adapter"], kind="stable").index
+    rank = meta["source"].map({"teacher": 0, "mixture": 1, "generated": 2})
+    order = meta.assign(rank=rank).sort_values(["rank", "family", "task", "adapter"]).index
     meta = meta.loc[order].reset_index(drop=True)
-    x = np.stack(deltas)[order] if deltas else np.zeros((0, hidden), np.float32)
+    x = np.stack(deltas)[np.asarray(order)] if deltas else np.zeros((0, hidden), np.float32)
     have = {row["path"] for row, _ in keep}
     missing = [r["adapter"] for r in world.teachers.to_dict("records") if r["path"] not in have]
     problems = [f"cache entry {k[:12]}: {why}" for k, why in cache.problems]

@@ -86,9 +86,9 @@ def render() -> None:
     st.dataframe(scores.round(3), hide_index=True)
     composed = compose_clustering(f)
     if composed is not None:
-        name, table = composed
+        name, composed_table = composed
         st.caption(f"from `llgbm compose` ({name}): deltas, flattened weights and delta-W = B·A")
-        st.dataframe(table.round(3), hide_index=True)
+        st.dataframe(composed_table.round(3), hide_index=True)
     bars = [per_group(x, list(meta["family"]), "deltas")]
     if w is not None:
         bars.append(per_group(w, list(meta["family"]), "flattened weights"))
@@ -99,6 +99,7 @@ def render() -> None:
         color="representation",
         barmode="group",
         range_y=[-1, 1],
+        color_discrete_sequence=px.colors.qualitative.D3,
         labels={"group": "family", "silhouette": "mean silhouette"},
         height=420,
     )

@@ -134,6 +134,7 @@ def render() -> None:
         add = additivity_table(report)
         fig = px.bar(
             add, x="target", y="cos", color="space", barmode="group", range_y=[-1, 1], height=380,
+            color_discrete_sequence=px.colors.qualitative.D3,
             hover_data=["rel_err"],
         )  # fmt: skip
         st.plotly_chart(fig, key="additivity")
@@ -151,7 +152,7 @@ def render() -> None:
         sub = m[m["mixture"] == mix]
         fig = px.bar(
             sub, x="adapter", y="accuracy %", color="items of", barmode="group",
-            range_y=[0, 100], height=400,
+            range_y=[0, 100], height=400, color_discrete_sequence=px.colors.qualitative.D3,
         )  # fmt: skip
         st.plotly_chart(fig, key="merges")
         st.dataframe(sub.round(1), hide_index=True)

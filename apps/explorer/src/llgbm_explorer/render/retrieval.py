@@ -64,6 +64,7 @@ def hits_figure(hits: pd.DataFrame):
         orientation="h",
         hover_data=["task", "source", "accuracy"],
         height=max(260, 28 * len(hits) + 80),
+        color_discrete_sequence=px.colors.qualitative.D3,
     )
     fig.update_layout(yaxis={"autorange": "reversed"}, xaxis_range=[-1, 1])
     return fig
