@@ -209,3 +209,20 @@ def test_a_warm_delta_map_redraw_is_fast(demo_folders):
     at.run()
     assert time.perf_counter() - t0 < 2.0
     assert len(at.get("plotly_chart")) == 1
+
+
+def test_prompts_through_a_run_whose_world_is_gone_say_so(demo, demo_folders, tmp_path):
+    import dataclasses
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(demo.runs / "t", runs / "t", ignore=shutil.ignore_patterns("adapters"))
+    cfg = runs / "t" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace(str(demo.world), str(tmp_path / "gone")))
+    f = dataclasses.replace(demo_folders, runs=runs, roots=(*demo_folders.roots, runs))
+    at = open_app(f, "retrieval")
+    at.radio[0].set_value("prompts (through a run's generator)").run()
+    at.text_area[0].set_value("Encode the word with code alpha. Input:cat").run()
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("no world.json" in i.value for i in at.info)

@@ -13,6 +13,7 @@ import plotly.express as px
 import streamlit as st
 
 from llgbm_explorer import analysis, data, generate, ui
+from llgbm_explorer.folders import ExplorerError
 
 
 def neighbours(
@@ -122,7 +123,10 @@ def by_prompts(table: data.DeltaTable, k: int) -> None:
         st.info("type at least one prompt")
         return
     stamp = data.stamp(*sorted((run.dir / "checkpoints").glob("step_*.pt")))
-    setup, generator = _generator(str(run.dir), stamp)
+    try:
+        setup, generator = _generator(str(run.dir), stamp)
+    except ValueError as e:  # llgbm-train's errors (missing world, foreign checkpoint): one line
+        raise ExplorerError(f"{run.name}: {str(e).splitlines()[0]}") from None
     if setup.probes.hash != table.view.probe_hash:
         st.warning(
             f"the run's probes ({setup.probes.name}) differ from the deltas shown "
