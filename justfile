@@ -45,3 +45,7 @@ experiment name="tiny" *args:
 # PNG figures of a run (curves, delta maps, accuracy bars) or a world: `just plots runs/delta_multi`.
 plots run *args:
     uv run llgbm visualize "$@"
+
+# Open the explorer (Streamlit on 127.0.0.1:8501) over a world, its delta cache and runs: `just explorer --world worlds/tiny --runs runs`.
+explorer *args:
+    uv run llgbm-explorer "$@"

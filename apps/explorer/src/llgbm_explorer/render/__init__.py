@@ -1,0 +1,1 @@
+"""One module per page, each with a ``render()`` that the thin files in ``views/`` call."""

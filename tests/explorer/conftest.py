@@ -1,0 +1,26 @@
+"""Fixtures for the explorer tests: a real test-preset world with two real runs, and AppTest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # explorer_fixture.py, browser.py
+
+from explorer_fixture import Demo, build_demo, demo_args
+from llgbm_explorer.folders import Folders
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Demo:
+    import torch
+
+    torch.manual_seed(0)
+    return build_demo(tmp_path_factory.mktemp("explorer"))
+
+
+@pytest.fixture
+def demo_folders(demo, tmp_path) -> Folders:
+    return Folders.from_args([*demo_args(demo), "--results", str(tmp_path / "results.md")])
