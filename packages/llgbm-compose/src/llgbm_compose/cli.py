@@ -90,6 +90,10 @@ def _setup(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def cmd_compose(args) -> int:
