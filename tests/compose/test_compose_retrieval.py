@@ -104,7 +104,10 @@ def test_bad_input_is_one_clear_line(world, world_deltas, teachers, deltas, tmp_
         (lambda: DeltaIndex.build(np.zeros((0, 32))), "no deltas to index"),
         (lambda: index.neighbours(deltas[0], k=len(teachers) + 1), "larger than the index"),
         (lambda: index.neighbours(deltas[0], k=0), "positive int"),
-        (lambda: index.neighbours(np.ones(7), k=1), "7 dimensions, the index 32"),
+        (
+            lambda: index.neighbours(np.ones(7), k=1),
+            f"7 dimensions, the index {np.asarray(deltas).shape[1]}",
+        ),
         (lambda: index.neighbours(np.zeros(32), k=1), "all zeros"),
         (lambda: precision_at_k(index, deltas, index.rows, len(teachers), "task"), "larger"),
         (lambda: DeltaIndex.load(tmp_path / "nothing"), "no delta index"),

@@ -106,12 +106,20 @@ def test_world_build_and_show(test_world_dir, tmp_path, capsys):
     copy = tmp_path / "w"
     shutil.copytree(test_world_dir, copy)  # build_world re-validates and touches world.json
     assert main(["world", "build", "tiny", "--preset", "test", "--out", str(copy)]) == 0
-    assert f"world: {copy / 'world.json'}" in capsys.readouterr().out
+    assert f"world {copy}  kind=tiny  preset=test" in capsys.readouterr().out  # worlds' own CLI
     assert main(["world", "show", str(copy)]) == 0
     out = capsys.readouterr().out
     assert "code_omega" in out and "suffix_red" in out
     assert main(["world", "show", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+    # Mounted as it is: the options of `python -m llgbm_worlds` exist under `llgbm world`.
+    with pytest.raises(SystemExit):
+        main(["world", "build", "--help"])
+    assert "--threads" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["world", "--help"])
+    out = capsys.readouterr().out
+    assert "import-hf" in out and "quality" in out
 
 
 def test_stop_and_resume_from_the_cli(config_file, tmp_path, capsys):

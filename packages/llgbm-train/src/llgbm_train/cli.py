@@ -98,16 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
-    w = sub.add_parser("world", help="build or show a world (base model, tasks, teachers)")
-    wsub = w.add_subparsers(dest="world_command", required=True, metavar="ACTION")
-    wb = wsub.add_parser("build", parents=[common], help="build a world: tiny | smollm2")
-    wb.add_argument("kind", choices=["tiny", "smollm2"])
-    wb.add_argument("--out", help="output directory (default: worlds/<kind>)")
-    wb.add_argument("--preset", help="build preset (e.g. test: seconds, for the test suite)")
-    wb.add_argument("--seed", type=int, default=0)
-    wb.add_argument("--init", help="teachers' LoRA init: shared | independent (default: preset's)")
-    ws = wsub.add_parser("show", parents=[common], help="print a world's tasks and teachers")
-    ws.add_argument("dir")
+    w = sub.add_parser(
+        "world",
+        help="build, show, import or measure a world (the llgbm_worlds CLI, every option)",
+        add_help=False,
+    )
+    w.add_argument("world_args", nargs=argparse.REMAINDER, help="see `llgbm world --help`")
 
     e = sub.add_parser(
         "evaluate", help="evaluate a run's newest checkpoint on held-out and seen tasks"
@@ -327,25 +323,12 @@ def cmd_compute_deltas(args) -> int:
 
 
 def cmd_world(args) -> int:
-    import llgbm_worlds
+    """``llgbm world ...`` is ``python -m llgbm_worlds ...``: one parser, mounted as it is."""
+    from llgbm_worlds.cli import build_parser, run
 
-    if args.world_command == "build":
-        build_world = getattr(llgbm_worlds, "build_world", None)
-        if build_world is None:  # an llgbm_worlds without the top-level export
-            from llgbm_worlds.build import build_world
-        out = Path(args.out or f"worlds/{args.kind}")
-        build_world(
-            args.kind, out, preset=args.preset, seed=args.seed, progress=True, init=args.init
-        )
-        print(f"world: {out / 'world.json'}")
-        return 0
-    show_world = getattr(llgbm_worlds, "show_world", None)
-    if show_world is None:
-        raise ValueError("this llgbm_worlds has no show_world; update llgbm-worlds")
-    text = show_world(args.dir)
-    if isinstance(text, str):
-        print(text)
-    return 0
+    wargs = build_parser(prog="llgbm world").parse_args(args.world_args)
+    args.debug = args.debug or wargs.debug
+    return run(wargs)
 
 
 def cmd_evaluate(args) -> int:
@@ -454,7 +437,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` overrides are also accepted after the options."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
+    if extra and args.command == "world":
+        # Options of the mounted worlds CLI that argparse's REMAINDER leaves out (--help, ...).
+        args.world_args = [*extra, *args.world_args]
+    elif extra:
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]
         else:

@@ -17,15 +17,14 @@ import json
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m llgbm_worlds", description="Build and inspect llgbm worlds."
-    )
+def build_parser(prog: str = "python -m llgbm_worlds") -> argparse.ArgumentParser:
+    """The worlds CLI; ``llgbm world`` mounts this same parser (``prog="llgbm world"``)."""
+    ap = argparse.ArgumentParser(prog=prog, description="Build and inspect llgbm worlds.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser("build", help="build (or resume) a world: tiny | smollm2")
     b.add_argument("kind", help="world kind: tiny | smollm2")
-    b.add_argument("--out", required=True, help="world directory to write")
+    b.add_argument("--out", default=None, help="world directory to write (default: worlds/<kind>)")
     b.add_argument(
         "--preset",
         default=None,
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "build":
         out = build_world(
             args.kind,
-            args.out,
+            args.out or f"worlds/{args.kind}",
             preset=args.preset,
             seed=args.seed,
             progress=not args.no_progress,
