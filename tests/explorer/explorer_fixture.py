@@ -52,7 +52,7 @@ def build_demo(out: Path, world: Path | None = None) -> Demo:
         )
         if llgbm(["train", str(path)]) != 0:
             raise RuntimeError(f"llgbm train {path} failed")
-        adapters = runs / name / "adapters"
+        adapters = runs / name / "eval" / "adapters"
         argv = ["compute", "--base", str(world / "base"), "--adapters", str(adapters)]
         if delta_main([*argv, "--cache", str(cache), "--no-progress"]) != 0:
             raise RuntimeError(f"llgbm-delta compute {adapters} failed")

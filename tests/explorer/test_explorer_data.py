@@ -46,7 +46,7 @@ def test_runs_metrics_reports_and_adapters(demo, runs):
     assert by["t"].objective == "delta_multi" and by["t-baseline"].objective == "baseline"
     assert list(by["t"].metrics["step"]) == [1, 2, 3, 4, 5, 6]
     assert "loss_w_baseline" in by["t"].metrics
-    assert set(by["t"].reports) == {"report"} and set(by["t-baseline"].reports) == {"report-all"}
+    assert set(by["t"].reports) == {"report"} and set(by["t-baseline"].reports) == {"report"}
     assert set(by["t-baseline"].adapters) > set(by["t"].adapters)  # all tasks vs held-out ones
     summary, per_task = data.report_tables(by["t"].reports["report"])
     assert set(summary["method"]) == {"base", "mean_teachers", "teacher", "generated"}

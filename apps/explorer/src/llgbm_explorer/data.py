@@ -166,7 +166,7 @@ def read_run(path: Path) -> RunView:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             problems.append(f"{rp}: unreadable ({type(e).__name__})")
     adapters = {}
-    adir = path / "adapters"
+    adir = path / "eval" / "adapters"  # llgbm evaluate swaps eval/ in whole, adapters inside
     if adir.is_dir():
         adapters = {
             p.name: p.resolve()
@@ -202,12 +202,20 @@ def main_report(run: RunView) -> tuple[str, dict] | None:
 def report_tables(report: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(summary, per task) tables of an eval report: accuracy %, 95% CI, delta cosine."""
     summary = []
-    for method, s in (report.get("summary") or {}).items():
+    # summary: group (heldout, each generalisation kind, seen) -> method -> numbers
+    rows = [
+        (group, method, s)
+        for group, methods in (report.get("summary") or {}).items()
+        if isinstance(methods, dict)
+        for method, s in methods.items()
+    ]
+    for group, method, s in rows:
         if not isinstance(s, dict):
             continue
         lo, hi = (s.get("ci95") or [None, None])[:2]
         summary.append(
             {
+                "tasks": group,
                 "method": method,
                 "accuracy %": _pct(s.get("accuracy")),
                 "CI low %": _pct(lo),
@@ -221,7 +229,7 @@ def report_tables(report: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
         r = {
             "task": row.get("task"),
             "family": row.get("family"),
-            "heldout_kind": row.get("heldout_kind") or "",
+            "kind": row.get("kind") or "",
         }
         for method, m in (row.get("methods") or {}).items():
             r[f"{method} %"] = _pct(m.get("accuracy")) if isinstance(m, dict) else None
@@ -295,7 +303,7 @@ def read_deltas(
 
     Cache entries name the adapter they were computed for (``adapter_name``: its path). An entry
     joins a world teacher when that path is the teacher's directory, and a run's generated
-    adapter when it is ``runs/<name>/adapters/<task>``. ``view`` picks a (probes, spec) slice
+    adapter when it is ``runs/<name>/eval/adapters/<task>``. ``view`` picks a (probes, spec) slice
     by index into ``views``; default: the one holding the most teachers.
     """
     from llgbm_delta import CacheError, DeltaCache
@@ -319,7 +327,7 @@ def read_deltas(
                 continue
             t = t.iloc[0]
             rows_by_path[str(path)] = {
-                "adapter": f"{run.name}/adapters/{task}",
+                "adapter": f"{run.name}/eval/adapters/{task}",
                 "source": "generated",
                 "task": task,
                 "family": t["family"],

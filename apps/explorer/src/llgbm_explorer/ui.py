@@ -80,7 +80,6 @@ def _run_files(runs_dir: Path) -> tuple:
             d / "metadata.json",
             d / "metrics.jsonl",
             d / "eval",
-            d / "adapters",
         ]
     return data.stamp(*paths)
 

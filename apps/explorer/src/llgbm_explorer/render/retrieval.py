@@ -92,7 +92,8 @@ def by_prompts(table: data.DeltaTable, k: int) -> None:
     usable = [
         r
         for r in runs
-        if (r.dir / "checkpoints").is_dir() and any((r.dir / "checkpoints").glob("step_*.pt"))
+        if (r.dir / "checkpoints").is_dir()
+        and any((r.dir / "checkpoints").glob("step_*.safetensors"))
     ]
     if not usable:
         st.info(f"{f.runs}: no run with a checkpoint; `just train delta_multi` makes one")
