@@ -49,7 +49,8 @@ def test_runs_metrics_reports_and_adapters(demo, runs):
     assert set(by["t"].reports) == {"report"} and set(by["t-baseline"].reports) == {"report"}
     assert set(by["t-baseline"].adapters) > set(by["t"].adapters)  # all tasks vs held-out ones
     summary, per_task = data.report_tables(by["t"].reports["report"])
-    assert set(summary["method"]) == {"base", "mean_teachers", "teacher", "generated"}
+    methods = {"base", "mean_teachers", "nearest_teacher", "teacher", "generated"}
+    assert set(summary["method"]) == methods
     assert len(per_task) == by["t"].reports["report"]["n_tasks"]
 
 

@@ -118,7 +118,7 @@ def test_overrides_after_options(config_file, tmp_path):
 def test_ctrl_c_hints_name_what_each_command_has(config_file, tmp_path, capsys, monkeypatch):
     import llgbm_train.evaluate as E
     import llgbm_train.trainer as T
-    import llgbm_worlds
+    import llgbm_worlds.build
 
     real = T.train
 
@@ -137,7 +137,7 @@ def test_ctrl_c_hints_name_what_each_command_has(config_file, tmp_path, capsys, 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llgbm_worlds, "build_world", interrupt)
+    monkeypatch.setattr(llgbm_worlds.build, "build_world", interrupt)
     monkeypatch.setattr(E, "evaluate_run", interrupt)
     for argv in (
         ["world", "build", "tiny", "--out", str(tmp_path / "w")],

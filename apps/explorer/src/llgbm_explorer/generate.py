@@ -9,20 +9,9 @@ Uses llgbm-train's own evaluation path (``generate`` then ``delta_of``), so the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-
-@dataclass
-class TypedPrompts:
-    """What ``llgbm_train.evaluate.generate`` reads of a task: its train prompts."""
-
-    texts: list[str]
-
-    def prompts(self, split: str = "train") -> list[str]:
-        return list(self.texts)
 
 
 def frame(lines: list[str]) -> list[str]:
@@ -57,22 +46,21 @@ def bodies(prompts: list[str]) -> list[str]:
 
 
 def load_generator(run_dir: Path):
-    """(Setup, trained generator) of the run at ``run_dir``, from its newest checkpoint."""
-    from llgbm_train.evaluate import load_trained
-    from llgbm_train.runs import Run
-    from llgbm_train.trainer import prepare, resolve_device
+    """(Setup, trained generator) of the run at ``run_dir``, from its newest checkpoint.
 
-    run = Run.open(run_dir)
-    cfg = run.config().override(["world.build_if_missing=false"])
-    setup = prepare(cfg, device=resolve_device(cfg), progress=False)
-    return setup, load_trained(run, setup)
+    ``llgbm_train.generate.load_generator``, as ``llgbm generate`` loads it (no world rebuild).
+    """
+    from llgbm_train.generate import load_generator as load
+
+    loaded = load(run_dir, progress=False)
+    return loaded.setup, loaded.generator
 
 
-def prompt_delta(setup, generator, prompts: list[str], *, seed: int = 0) -> np.ndarray:
+def prompt_delta(setup, generator, prompts: list[str]) -> np.ndarray:
     """[hidden] float32 delta of the adapter the generator writes for ``prompts``."""
     from llgbm_train.evaluate import delta_of, generate
 
     if not prompts:
         raise ValueError("prompts: type at least one prompt")
-    adapter = generate(setup, generator, TypedPrompts(prompts), seed=seed)
+    adapter = generate(setup, generator, None, prompts=prompts)
     return delta_of(setup, adapter).numpy().astype(np.float32)

@@ -102,20 +102,14 @@ class LoadedGenerator:
         return generate_adapter(self.setup, self.generator, prompts)
 
 
-@torch.no_grad()
 def generate_adapter(setup, generator: torch.nn.Module, prompts: list[str]):
     """One condition of N prompts -> the generator's LoraAdapter (cpu, float32), in eval mode."""
+    from llgbm_train.evaluate import generate
+
     n = setup.cfg.generator.n_prompts
     if len(prompts) != n:
         raise GenerateError(f"generate_adapter: needs {n} prompts, got {len(prompts)}")
-    states, mask = setup.encoder.encode([prompts])  # [1, N, L, D], [1, N, L]
-    was = generator.training
-    generator.eval()
-    try:
-        out = generator(states.to(setup.device), mask.to(setup.device))  # LoraBatch [1]
-    finally:
-        generator.train(was)
-    return out.to(device="cpu", dtype=torch.float32)[0]
+    return generate(setup, generator, None, prompts=prompts)
 
 
 def require_world(run: Run) -> None:

@@ -123,7 +123,7 @@ def by_prompts(table: data.DeltaTable, k: int) -> None:
     if not prompts:
         st.info("type at least one prompt")
         return
-    stamp = data.stamp(*sorted((run.dir / "checkpoints").glob("step_*.pt")))
+    stamp = data.stamp(*sorted((run.dir / "checkpoints").glob("step_*.safetensors")))
     try:
         setup, generator = _generator(str(run.dir), stamp)
     except ValueError as e:  # llgbm-train's errors (missing world, foreign checkpoint): one line
