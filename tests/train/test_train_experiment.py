@@ -202,6 +202,29 @@ def test_experiment_resumes_and_aggregates(
     assert err.startswith("error: ") and "made by another config" in err
 
 
+def test_parallel_jobs_finish_every_run_once(test_world_dir, tmp_path, monkeypatch):
+    """--jobs 2: the world's first run goes alone (it fills the references), the rest run in
+    two worker processes; every run is done, and a sequential rerun reuses them all."""
+    _configs(tmp_path, test_world_dir)
+    spec_file = _spec(tmp_path, {"shared": test_world_dir}, objectives=["delta_multi"])
+    spec, _ = X.load_spec(str(spec_file))
+    runs = X.plan(spec)
+    assert len(runs) == 4  # delta_multi and high_lr, two seeds each
+    with pytest.raises(X.ExperimentError, match="--jobs"):
+        X.run_experiment(spec, progress=False, jobs=0)
+    results = X.run_experiment(spec, progress=False, jobs=2)
+    assert results["jobs"] == 2 and results["n_runs"] == len(runs)
+    assert all(X.run_state(r) == "done" for r in runs)
+    refs = json.loads((spec.out_dir / "shared" / "references.json").read_text())
+    assert refs  # computed by the first run, read by the workers
+    timings = json.loads((spec.out_dir / "timings.json").read_text())
+    assert sorted(timings) == sorted(str(r.dir) for r in runs)
+    calls = []
+    monkeypatch.setattr(X, "execute", lambda *a, **k: calls.append(a) or None)
+    again = X.run_experiment(spec, progress=False)
+    assert calls == [] and again["results"] == results["results"]
+
+
 def test_unknown_experiment_is_one_line(capsys):
     assert main(["experiment", "nope"]) == 2
     assert (

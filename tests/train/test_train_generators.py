@@ -176,3 +176,34 @@ def test_build_generator_bad_arguments(spec):
     other = WeightTokenizer(spec.replace(rank=2), slab_width=16)
     with pytest.raises(GeneratorError, match="different LoRA spec"):
         build_generator("t2l", weight_tokenizer=other, **kw)
+
+
+def test_t2l_condition_standardisation_separates_near_parallel_conditions(spec):
+    """Conditions sharing one large common vector: standardised, their pooled states are
+    zero-mean, unit-std over the fit set; the fit lives in the state dict; off is identity."""
+    gen = make(spec, CASES["t2l-raw"])
+    g = torch.Generator().manual_seed(3)
+    common = 50.0 * torch.randn(COND_DIM, generator=g)
+    cond = common + 0.1 * torch.randn(12, N_PROMPTS, MAX_TOKENS, COND_DIM, generator=g)
+    mask = torch.ones(12, N_PROMPTS, MAX_TOKENS, dtype=torch.bool)
+    pooled = gen.pool(cond, mask)
+    cos = torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0)
+    assert cos > 0.999  # nearly parallel, as a frozen encoder's task conditions are
+    before = gen(cond[:2], mask[:2])
+    gen.fit_condition(pooled)
+    z = (pooled - gen.cond_shift) / gen.cond_scale
+    torch.testing.assert_close(z.mean(0), torch.zeros(COND_DIM), atol=2e-3, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(COND_DIM), atol=2e-3, rtol=0)
+    assert torch.nn.functional.cosine_similarity(z[0], z[1], dim=0) < 0.9
+    after = gen(cond[:2], mask[:2])
+    assert not torch.allclose(after.A[(0, "q_proj")], before.A[(0, "q_proj")])
+    # The fit travels with checkpoints: a fresh generator loading the state dict agrees.
+    fresh = make(spec, CASES["t2l-raw"])
+    fresh.load_state_dict(gen.state_dict())
+    again = fresh(cond[:2], mask[:2])
+    torch.testing.assert_close(again.A[(1, "down_proj")], after.A[(1, "down_proj")])
+    off = make(spec, {**CASES["t2l-raw"], "kw": {**CASES["t2l-raw"]["kw"], "standardize": False}})
+    off.fit_condition(pooled)  # a no-op when off
+    assert off.cond_shift.abs().max() == 0 and (off.cond_scale == 1).all()
+    with pytest.raises(GeneratorError, match="fit_condition"):
+        gen.fit_condition(pooled[:1])

@@ -134,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--report", help="Markdown report path (default: the spec's)")
     x.add_argument("--results", help="results JSON path (default: the spec's)")
     x.add_argument("--plan", action="store_true", help="list the runs and which are done; run none")
+    x.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, one process each (CPU threads split between them; on one "
+        "GPU, small runs share it). Default 1",
+    )
     _add_generate(sub)
     _add_reproduce(sub)
     _add_visualize(sub)
@@ -360,7 +367,7 @@ def cmd_experiment(args) -> int:
         print(f"{len(runs)} runs")
         return 0
     try:
-        results = run_experiment(spec, source=str(path))
+        results = run_experiment(spec, source=str(path), jobs=args.jobs)
     except KeyboardInterrupt:
         print(f"interrupted: rerun `llgbm experiment {args.spec}` to continue", file=sys.stderr)
         return 130

@@ -280,39 +280,89 @@ def _load_json(path: Path) -> dict:
         return {}  # a cache: recomputed when unreadable
 
 
+def _worker(run: PlannedRun, references: dict, threads: int) -> tuple[dict, dict, dict]:
+    """One planned run in a worker process: (report, wall seconds, references it filled)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    refs = dict(references)
+    report, wall = execute(run, refs, progress=False)
+    return report, wall, refs
+
+
 def run_experiment(
-    spec: ExperimentSpec, *, progress: bool = True, source: str | None = None
+    spec: ExperimentSpec, *, progress: bool = True, source: str | None = None, jobs: int = 1
 ) -> dict[str, Any]:
-    """Run (or reuse) every planned run, then write ``spec.results`` and ``spec.report``."""
+    """Run (or reuse) every planned run, then write ``spec.results`` and ``spec.report``.
+
+    ``jobs`` > 1 trains that many runs at once, each in its own process (CPU threads split
+    between them; on a GPU, several small runs share the device). Each world's first run goes
+    alone, so its reference results (base, oracle, ...) are computed once and shared.
+    """
+    import os
+
     from tqdm.auto import tqdm
 
+    if jobs < 1:
+        raise ExperimentError(f"--jobs: {jobs} must be >= 1")
     planned = plan(spec)
     t0 = time.perf_counter()
     timings = _load_json(spec.out_dir / "timings.json")
     refs = {w: _load_json(spec.out_dir / w / "references.json") for w in spec.worlds}
     reports: dict[Path, dict] = {}
     bar = tqdm(total=len(planned), desc=f"experiment {spec.name}", unit="run", disable=not progress)
+
+    def record(run: PlannedRun, report: dict, wall: dict, new_refs: dict) -> None:
+        # train_s: the optimiser steps of every session of the run (timing.jsonl); the wall
+        # times: this session's, world loading and reference scoring included.
+        timings[str(run.dir)] = {"train_s": _train_seconds(run.dir), **wall}
+        atomic_write_text(spec.out_dir / "timings.json", json.dumps(timings, indent=1))
+        if any(k not in refs[run.world] for k in new_refs):
+            refs[run.world].update(new_refs)
+            atomic_write_text(
+                spec.out_dir / run.world / "references.json", json.dumps(refs[run.world])
+            )
+        reports[run.dir] = report
+        bar.update(1)
+
     try:
+        todo = []
         for run in planned:
-            bar.set_postfix_str(f"{run.world}/{run.label} seed {run.seed}")
             report = _finished_report(run)
             if report is None:
-                before = len(refs[run.world])
-                report, wall = execute(run, refs[run.world], progress=progress)
-                # train_s: the optimiser steps of every session of the run (timing.jsonl); the
-                # wall times: this session's, world loading and reference scoring included.
-                timings[str(run.dir)] = {"train_s": _train_seconds(run.dir), **wall}
-                atomic_write_text(spec.out_dir / "timings.json", json.dumps(timings, indent=1))
-                if len(refs[run.world]) != before:
-                    atomic_write_text(
-                        spec.out_dir / run.world / "references.json", json.dumps(refs[run.world])
-                    )
-            reports[run.dir] = report
-            bar.update(1)
+                todo.append(run)
+            else:
+                reports[run.dir] = report
+                bar.update(1)
+        # Worlds whose references are not cached yet: their first run goes alone, first.
+        first = [
+            next(r for r in todo if r.world == w)
+            for w in spec.worlds
+            if not refs[w] and any(r.world == w for r in todo)
+        ]
+        rest = [r for r in todo if r not in first]
+        for run in first if jobs > 1 else todo:
+            bar.set_postfix_str(f"{run.world}/{run.label} seed {run.seed}")
+            filled = dict(refs[run.world])
+            report, wall = execute(run, filled, progress=progress)
+            record(run, report, wall, filled)
+        if jobs > 1 and rest:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+                futs = {pool.submit(_worker, r, refs[r.world], threads): r for r in rest}
+                for fut in as_completed(futs):
+                    run = futs[fut]
+                    report, wall, filled = fut.result()
+                    bar.set_postfix_str(f"done {run.world}/{run.label} seed {run.seed}")
+                    record(run, report, wall, filled)
     finally:
         bar.close()
     results = aggregate(spec, planned, reports, timings)
     results["wall_s_this_call"] = time.perf_counter() - t0
+    results["jobs"] = jobs
     results["spec_file"] = source
     from llgbm_train.results_doc import results_markdown
 

@@ -197,6 +197,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
         D.encoder_cache_dir(cfg),
         base_path=world.base_path,
     )
+    fit_condition(cfg, generator, encoder, data.prompts, device)
     meta = {
         "world": {
             "dir": str(root),
@@ -247,6 +248,34 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
         behaviour,
         bscale,
     )
+
+
+# Conditions drawn per training task to fit the generator's condition standardisation.
+FIT_CONDITIONS_PER_TASK = 4
+
+
+@torch.no_grad()
+def fit_condition(cfg: Config, generator, encoder, prompts: dict[str, list[str]], device) -> None:
+    """Fit a generator's condition standardisation (T2L) on the training tasks' conditions.
+
+    Each task contributes FIT_CONDITIONS_PER_TASK conditions drawn from its condition pool with
+    a fixed seed (not the training seed: every seed's run sees the same standardisation).
+    """
+    fit = getattr(generator, "fit_condition", None)
+    if fit is None or not getattr(generator, "standardize", False):
+        return
+    rng = np.random.default_rng(0)
+    n = cfg.generator.n_prompts
+    conds = [
+        D.draw_prompts(rng, prompts[t], n)
+        for t in sorted(prompts)
+        for _ in range(FIT_CONDITIONS_PER_TASK)
+    ]
+    pooled = []
+    for i in range(0, len(conds), 32):
+        states, mask = encoder.encode(conds[i : i + 32])  # [c, N, L, D], [c, N, L]
+        pooled.append(generator.pool(states.to(device), mask.to(device)))
+    fit(torch.cat(pooled))
 
 
 def behaviour_tensors(

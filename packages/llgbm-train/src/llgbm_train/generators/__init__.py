@@ -20,7 +20,7 @@ from llgbm_train.weight_tokens import WeightTokenizer
 GENERATOR_KINDS = ("dnd", "t2l")
 _KWARGS = {
     "dnd": {"n_blocks", "kernel", "channels", "max_group_channels"},
-    "t2l": {"hidden", "emb_dim", "head_rank"},
+    "t2l": {"hidden", "emb_dim", "head_rank", "standardize"},
 }
 
 __all__ = [
@@ -51,7 +51,8 @@ def build_generator(
       n_tokens over the first n_blocks-1 blocks; else the n_blocks-1 intermediate channel
       counts), max_group_channels (64: grouped convs above that many channels).
       Needs `weight_tokenizer`. Conditions must have exactly n_prompts and max_tokens.
-    t2l kwargs: hidden (256), emb_dim (32), head_rank (None: full heads). Uses the tokenizer's
+    t2l kwargs: hidden (256), emb_dim (32), head_rank (None: full heads), standardize (True:
+      the pooled condition standardised over the training conditions). Uses the tokenizer's
       normalised tokens as its output space when `weight_tokenizer` is given, raw A/B otherwise;
       accepts any number of prompts and tokens.
     """

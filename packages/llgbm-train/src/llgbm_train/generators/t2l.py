@@ -8,6 +8,12 @@ Heads emit either raw A [r, in] and B [out, r] or, given a WeightTokenizer, the 
 weight tokens, which the tokenizer decodes (values of unit scale whatever the LoRA's magnitude).
 `head_rank` factors each head through a bottleneck when r * (in + out) is large.
 
+`standardize` (default on): the pooled condition is shifted and scaled per feature by the mean
+and std of the training tasks' pooled conditions (``fit_condition``, called by ``prepare``; kept
+in the state dict). A frozen encoder's pooled states of different tasks are nearly parallel (on
+the tiny world's base encoder their mean dominates), so without it the task MLP starts from
+conditions that barely differ and learns a near-constant adapter.
+
 Initialisation: the output is a usable LoRA from step 0. Raw A starts like PEFT's A (uniform
 +-1/sqrt(in), through the head's bias) and raw B near zero but with non-zero weights, so the
 gradient reaches B from the first step; token heads start around the teachers' slab statistics.
@@ -54,8 +60,13 @@ class T2LGenerator(Generator):
         hidden: int = 256,
         emb_dim: int = 32,
         head_rank: int | None = None,
+        standardize: bool = True,
     ) -> None:
         super().__init__(spec, cond_dim)
+        self.standardize = bool(standardize)
+        # Identity until fit_condition: a generator built without a zoo behaves as before.
+        self.register_buffer("cond_shift", torch.zeros(cond_dim))
+        self.register_buffer("cond_scale", torch.ones(cond_dim))
         if hidden < 1 or emb_dim < 1:
             raise GeneratorError(f"generator hidden/emb_dim: {hidden}/{emb_dim} must be >= 1")
         if head_rank is not None and head_rank < 1:
@@ -107,10 +118,34 @@ class T2LGenerator(Generator):
             m: [i for i, k in enumerate(self.keys) if k[1] == m] for m in spec.target_modules
         }
 
+    @staticmethod
+    def pool(cond: Tensor, cond_mask: Tensor) -> Tensor:
+        """Masked mean over prompts and tokens: [B, N, L, D], [B, N, L] -> [B, D]."""
+        m = cond_mask[..., None].to(cond.dtype)  # [B, N, L, 1]
+        return (cond * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)
+
+    @torch.no_grad()
+    def fit_condition(self, pooled: Tensor) -> None:
+        """Set the standardisation from training conditions' pooled states ([C, D], C >= 2)."""
+        if not self.standardize:
+            return
+        if pooled.dim() != 2 or pooled.shape[1] != self.cond_dim or pooled.shape[0] < 2:
+            raise GeneratorError(
+                f"fit_condition: pooled conditions of shape {list(pooled.shape)}, expected "
+                f"[C >= 2, {self.cond_dim}]"
+            )
+        pooled = pooled.float()
+        std = pooled.std(dim=0)
+        # Features constant over the zoo carry nothing: scale 1 keeps them from blowing up.
+        floor = 1e-6 * float(std.max().clamp_min(1e-12))
+        self.cond_shift.copy_(pooled.mean(dim=0))
+        self.cond_scale.copy_(torch.where(std > floor, std, torch.ones_like(std)))
+
     def forward(self, cond: Tensor, cond_mask: Tensor) -> LoraBatch:
         self._check_cond(cond, cond_mask, None, None)
-        m = cond_mask[..., None].to(cond.dtype)  # [B, N, L, 1]
-        pooled = (cond * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)  # [B, D]
+        pooled = self.pool(cond, cond_mask)  # [B, D]
+        if self.standardize:
+            pooled = (pooled - self.cond_shift) / self.cond_scale
         task = self.task(pooled)  # [B, hidden]
         n, n_keys = cond.shape[0], len(self.keys)
         emb = torch.cat([self.layer_emb(self.key_layer), self.module_emb(self.key_module)], -1)
