@@ -203,7 +203,12 @@ def test_heldout_tasks_never_reach_training(world_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(ConditionEncoder, "encode", spy)
     result = train(_config(world_copy, tmp_path / "runs"), tmp_path / "r", progress=False)
     monkeypatch.setattr(ConditionEncoder, "encode", encode)
-    assert len(seen) == 4 * 4 * 4  # steps x batch x prompts: the spy saw the training reads
+    from llgbm_train.trainer import FIT_CONDITIONS_PER_TASK
+
+    cfg = result.setup.cfg
+    n = cfg.generator.n_prompts
+    fit = len(result.setup.data.prompts) * FIT_CONDITIONS_PER_TASK * n  # the standardisation fit
+    assert len(seen) == 4 * cfg.training.batch_size * n + fit  # steps x batch x prompts + fit
     assert not set(seen) & heldout_prompts
     train_prompts = {p for t in world.tasks if t.split == "train" for p in t.prompts("train")}
     assert set(seen) <= train_prompts
