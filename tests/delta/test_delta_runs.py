@@ -285,7 +285,7 @@ def test_refused_cache_write_is_a_cache_error(model, tok, adapter_dirs, tmp_path
     def refuse(path, data):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cache_mod, "_atomic_write", refuse)
+    monkeypatch.setattr(cache_mod, "write_bytes", refuse)
     with pytest.raises(CacheError) as err:
         compute_deltas((model, tok), adapter_dirs[:1], cache=tmp_path / "c", progress=False)
     assert "cannot write: Permission denied" in str(err.value) and "\n" not in str(err.value)

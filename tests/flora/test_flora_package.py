@@ -53,3 +53,29 @@ def test_cpu_import_loads_no_triton_and_registers_no_op():
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert out.stdout.strip() == "False False False"
+
+
+def test_package_import_is_torch_free_until_a_name_needs_it():
+    """`import llgbm_flora` and its torch-free modules (atomic, cli_errors) load no torch, so a
+    light command (llgbm-delta ls) stays light; the first tensor name imports it."""
+    probe = (
+        "import sys, llgbm_flora, llgbm_flora.atomic, llgbm_flora.cli_errors\n"
+        "print('torch' in sys.modules)\n"
+        "from llgbm_flora import LoraBatch, algebra\n"
+        "print('torch' in sys.modules, LoraBatch.__module__, algebra.__name__)\n"
+        "print(sorted(llgbm_flora.__all__) == sorted(llgbm_flora._EXPORTS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == [
+        "False",
+        "True llgbm_flora.spec llgbm_flora.algebra",
+        "True",
+    ]
+    import llgbm_flora
+
+    try:
+        llgbm_flora.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")

@@ -7,11 +7,12 @@ import json
 import llgbm_train.losses as L
 import pytest
 import torch
+from llgbm_flora.algebra import sq_norms
 from llgbm_train import data as D
 from llgbm_train.checkpoint import load_state
 from llgbm_train.evaluate import heldout_delta_error, mean_adapter
 from llgbm_train.runs import RunError
-from llgbm_train.trainer import TrainingError, delta_w_sq_norms, train
+from llgbm_train.trainer import TrainingError, train
 
 
 @pytest.mark.parametrize("objective", ["baseline", "delta_multi", "delta_only"])
@@ -115,7 +116,7 @@ def test_delta_w_norms_match_dense(make_config):
 
     setup = prepare(make_config(), progress=False)
     t = setup.data.teachers
-    got = delta_w_sq_norms(t)  # [n, n_keys]
+    got = sq_norms(t)  # [n, n_keys]
     keys = t.spec.keys()
     for j, key in enumerate(keys):
         dense = torch.stack([t[i].delta_weight(key) for i in range(len(t))])  # [n, out, in]

@@ -83,3 +83,15 @@ def test_tiny_tokenizer_covers_probes_and_frame(tmp_path):
             ids = tok(" " + e.answer, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids
             assert tok.decode(ids).strip() == e.answer
+
+
+def test_task_frame_is_the_probe_frame():
+    """Tasks and llgbm-delta's probes share one frame: a task prompt is a probe text."""
+    from llgbm_delta.probes import PROBE_FRAME, generic_probes
+    from llgbm_worlds.frame import GENERIC_INPUT, GENERIC_TASK, HEADERS, format_prompt
+
+    for i, h in enumerate(HEADERS):
+        want = PROBE_FRAME.format(header=h, task="Reverse the words.", input="a b")
+        assert format_prompt("Reverse the words.", "a b", header=i) == want
+    generic = [format_prompt(GENERIC_TASK, GENERIC_INPUT, header=i) for i in range(len(HEADERS))]
+    assert generic == list(generic_probes().texts)

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from llgbm_flora.cli_errors import run_command
 
 from llgbm_compose.errors import ComposeError, RetrievalError
 
@@ -226,14 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
         # A deprecation notice PEFT triggers inside transformers while scoring; not actionable.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        if args.debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(lambda: run(args), debug=args.debug)

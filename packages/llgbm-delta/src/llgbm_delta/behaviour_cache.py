@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from llgbm_flora import LoraAdapter
+from llgbm_flora.atomic import write_bytes
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -36,7 +37,6 @@ from llgbm_delta.behaviour import (
     token_hash,
     tokenize_probes,
 )
-from llgbm_delta.cache import _atomic_write
 from llgbm_delta.errors import BaseModelError, CacheError
 from llgbm_delta.fingerprint import adapter_content_hash, model_fingerprint
 from llgbm_delta.probes import ProbeSet
@@ -110,7 +110,7 @@ class BehaviourCache:
         meta = {"format": ENTRY_FORMAT, "key": key, **{k: str(v) for k, v in names.items()}}
         meta["sha256"] = _checksum(meta, tensors)
         self.path(key).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path(key), st_save(tensors, metadata=meta))
+        write_bytes(self.path(key), st_save(tensors, metadata=meta))
 
     def __len__(self) -> int:
         d = self.root / "entries"

@@ -7,7 +7,7 @@ Layout of a cache directory:
       entries/<key>.safetensors  # one file per entry: tensor "delta" [hidden] float32 + metadata
       memo.json                  # content hashes remembered by file identity (see `memo_get`)
       corrupt/                   # entries found damaged are moved here (never returned)
-      .lock                      # fcntl lock serialising manifest and memo updates
+      .lock                      # lock (filelock) serialising manifest and memo updates
 
 An entry key is sha256 over the base fingerprint, the probe-set hash, the probe token-id hash
 (ties the tokenizer in), the DeltaSpec hash and the adapter content hash (see `fingerprint`).
@@ -16,14 +16,14 @@ all its other metadata and the delta bytes, which `get` checks, so a truncated o
 (a logged warning and `DeltaCache.problems`), moved to `corrupt/`, and treated as a miss.
 
 Concurrency: entry files are written to a temporary file in `entries/` and moved into place with
-`os.replace`, so a reader sees the old file, the new one, or none, never half of one. The
+`os.replace` (llgbm_flora.atomic), so a reader sees the old file, the new one, or none, never half of one. The
 manifest is the only shared file; every update takes the lock, merges with what is on disk and
 is written the same atomic way. The entry files are the truth: `entries()` scans them, and
 `rebuild_manifest()` re-derives the index if a writer died between its entry and the manifest.
 
 A cache is made for one base model: the first `bind` records its fingerprint, and binding a
-different base raises `CacheError` (use one cache directory per base). Locking uses `fcntl`,
-so caches are POSIX-only.
+different base raises `CacheError` (use one cache directory per base). Locking uses
+`filelock` (portable; the OS drops a dead process's lock).
 
 Reading never writes: a complete cache on a read-only file system (or shared read-only) serves
 every hit; nothing opens `.lock` unless an entry, the manifest or the memo changes. A write that
@@ -34,19 +34,18 @@ optimisation and are skipped.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from llgbm_flora.atomic import atomic_file, file_lock, write_bytes
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -105,20 +104,6 @@ def entry_checksum(meta: EntryMeta, delta: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_header(data: bytes) -> dict:
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
@@ -162,15 +147,14 @@ class DeltaCache:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._writing():
+        held = contextlib.ExitStack()
+        with self._writing():  # a lock the file system refuses is a CacheError too
             self._ensure_dirs()
-            f = open(self.root / ".lock", "a+")  # noqa: SIM115 (held across the yield)
-        with f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            held.enter_context(
+                file_lock(self.root / ".lock", what=f"delta cache {self.root}", timeout=None)
+            )
+        with held:
+            yield
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -208,7 +192,7 @@ class DeltaCache:
     def _write_manifest(self, m: dict) -> None:
         with self._writing():
             data = (json.dumps(m, indent=1, sort_keys=True) + "\n").encode()
-            _atomic_write(self.manifest_path, data)
+            write_bytes(self.manifest_path, data)
 
     def base_info(self) -> BaseInfo | None:
         """The base model this cache was made for, or None if nothing was bound yet."""
@@ -282,9 +266,7 @@ class DeltaCache:
                 on_disk.update(items)
                 blob = {"format": MEMO_FORMAT, "entries": on_disk}
                 with self._writing():
-                    _atomic_write(
-                        self.memo_path, (json.dumps(blob, sort_keys=True) + "\n").encode()
-                    )
+                    write_bytes(self.memo_path, (json.dumps(blob, sort_keys=True) + "\n").encode())
                 self._memo = on_disk
         except CacheError as e:
             log.debug("memo not written: %s", e)
@@ -413,7 +395,7 @@ class DeltaCache:
             header = {k: str(v) for k, v in asdict(em).items()}
             header["format"] = ENTRY_FORMAT
             with self._writing():
-                _atomic_write(self.entry_path(key), st_save({"delta": delta}, metadata=header))
+                write_bytes(self.entry_path(key), st_save({"delta": delta}, metadata=header))
             written.append(em)
         if written:
             with self._locked():
@@ -487,15 +469,8 @@ class DeltaCache:
             ),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, out)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
         return out
 
 

@@ -7,7 +7,7 @@
 `ls` and `export` import neither torch nor transformers (they read the cache's files only).
 Exit codes: 0 success; 1 some adapters failed under --keep-going (the others were computed and
 cached), or `ls` / `export` found corrupt entries (moved to corrupt/, listed on stderr);
-2 bad input or any other error (one line on stderr, `--debug` for the traceback).
+2 bad input or any other error (one line on stderr, `--debug` for the traceback); 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
+
+from llgbm_flora.cli_errors import run_command
 
 from llgbm_delta.errors import DeltaError, DeltaWarning
 
@@ -322,19 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     args.debug = debug
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as e:
-        if debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, ValueError | OSError):
-            msg = f"{type(e).__name__}: {msg}"
-        print(f"error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_command(lambda: args.func(args), debug=debug, catch_all=True)
 
 
 if __name__ == "__main__":

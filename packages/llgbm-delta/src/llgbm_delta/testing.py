@@ -16,10 +16,11 @@ import copy
 from pathlib import Path
 
 import torch
+from llgbm_flora.spec import STANDARD_MODULES
 
 from llgbm_delta.probes import DOMAINS, domain_probes, generic_probes
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = STANDARD_MODULES  # llgbm-flora's names of a decoder layer's projections
 
 
 def tiny_tokenizer(vocab_size: int = 1024):

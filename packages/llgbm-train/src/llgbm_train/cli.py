@@ -24,6 +24,8 @@ import time
 import warnings
 from pathlib import Path
 
+from llgbm_flora.cli_errors import run_command
+
 DEFAULT_CONFIG = "configs/delta_multi.yaml"
 
 
@@ -455,13 +457,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _message(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:  # "[Errno 13] ..." -> "runs/x: Permission denied"
-        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None, _show=None):
     # Our own warnings (a damaged checkpoint skipped) read as one line, like errors.
     if category.__module__.startswith("llgbm_"):
@@ -480,17 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, _show=shown)
     try:
-        return COMMANDS[args.command](args)
-    except (ValueError, OSError) as e:
-        # Our error types subclass ValueError with one-line messages; OSErrors (an unwritable
-        # or full disk) are summarised the same way.
-        if args.debug:
-            raise
-        print(f"error: {_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(INTERRUPTED.get(args.command, "interrupted"), file=sys.stderr)
-        return 130
+        return run_command(
+            lambda: COMMANDS[args.command](args),
+            debug=args.debug,
+            interrupted=INTERRUPTED.get(args.command, "interrupted"),
+        )
     finally:
         warnings.showwarning = shown
 

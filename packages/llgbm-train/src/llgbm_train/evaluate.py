@@ -38,7 +38,6 @@ import json
 import shutil
 import tempfile
 from collections.abc import MutableMapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,28 +70,10 @@ class EvalError(ValueError):
 
 
 def mean_adapter(teachers):
-    """Delta-W average of a LoraBatch as one LoraAdapter (exact: SVD at rank <= min(n r, in, out))."""
-    from llgbm_flora import LoraAdapter
+    """Delta-W average of a LoraBatch as one LoraAdapter (exact: SVD at the smallest lossless rank)."""
+    from llgbm_flora import algebra
 
-    spec = teachers.spec
-    n = len(teachers)
-    A, B, ranks = {}, {}, []
-    for key in spec.keys():  # noqa: SIM118 (LoraSpec.keys, not a dict)
-        a, b = teachers.A[key].double(), teachers.B[key].double()  # [n, r, in], [n, out, r]
-        dw = spec.scale * (b @ a).mean(0)  # [out, in]
-        k = min(n * spec.rank, *dw.shape)
-        u, s, vh = torch.linalg.svd(dw, full_matrices=False)
-        root = s[:k].sqrt()
-        B[key] = (u[:, :k] * root).float()  # [out, k]
-        A[key] = (root[:, None] * vh[:k]).float()  # [k, in]
-        ranks.append(k)
-    # One rank for every key: zero-pad the factors of keys with fewer singular values.
-    k = max(ranks)
-    A = {key: torch.nn.functional.pad(v, (0, 0, 0, k - v.shape[0])) for key, v in A.items()}
-    B = {key: torch.nn.functional.pad(v, (0, k - v.shape[1])) for key, v in B.items()}
-    # Scale 1 so the factors carry the whole update (alpha = r, or sqrt(r) with rsLoRA).
-    alpha = float(k) ** 0.5 if spec.use_rslora else float(k)
-    return LoraAdapter(replace(spec, rank=k, alpha=alpha), A, B)
+    return algebra.refactor(algebra.mean(teachers)).adapter
 
 
 # tasks, conditions, items --------------------------------------------------------------------

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from llgbm_flora import LoraBatch
+from llgbm_flora import LoraBatch, algebra
 from torch import Tensor
 
 from llgbm_train.weight_tokens import WeightTokenizer
@@ -65,13 +65,6 @@ def _token_loss(
     return LossOut(value, float(base))
 
 
-def _gram_inner(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
-    """<B1 A1, B2 A2>_F per adapter [n], from two r x r products: tr(B1^T B2 A2 A1^T)."""
-    gb = torch.einsum("nor,nos->nrs", b1, b2)  # [n, r1, r2]
-    ga = torch.einsum("nri,nsi->nrs", a1, a2)  # [n, r1, r2]
-    return (gb * ga).sum(dim=(1, 2))  # [n]
-
-
 def _delta_w_sq(pred: LoraBatch, target: LoraBatch) -> tuple[Tensor, Tensor, int]:
     """Per adapter: ||s B A - s' B' A'||^2 and ||s' B' A'||^2 summed over keys, and the element
     count of one adapter's dense updates. -> [n], [n] (no grad), int.
@@ -79,22 +72,13 @@ def _delta_w_sq(pred: LoraBatch, target: LoraBatch) -> tuple[Tensor, Tensor, int
     ||X - Y||^2 = <X,X> - 2<X,Y> + <Y,Y>, each a trace of small r x r products, so no [out, in]
     matrix is built. Computed in float32 and clamped at 0 against rounding.
     """
-    s_p = pred.spec.scale
-    s_t = target.spec.scale
-    sq = None
-    base = None
-    numel = 0
-    for key in target.spec.keys():  # noqa: SIM118 (LoraSpec.keys, not a dict)
-        a_p, b_p = pred.A[key].float(), pred.B[key].float()  # [n, r, in], [n, out, r]
-        a_t, b_t = target.A[key].float(), target.B[key].float()
-        pp = _gram_inner(a_p, b_p, a_p, b_p) * s_p**2
-        pt = _gram_inner(a_p, b_p, a_t, b_t) * (s_p * s_t)
-        with torch.no_grad():
-            tt = _gram_inner(a_t, b_t, a_t, b_t) * s_t**2
-        d = (pp - 2 * pt + tt).clamp_min(0.0)  # [n]
-        sq = d if sq is None else sq + d
-        base = tt if base is None else base + tt
-        numel += a_t.shape[2] * b_t.shape[1]
+    pp = algebra.inner(pred, pred)  # [n, n_keys]
+    pt = algebra.inner(pred, target)
+    with torch.no_grad():
+        tt = algebra.inner(target, target)
+    sq = (pp - 2 * pt + tt).clamp_min(0.0).sum(1)  # [n]
+    base = tt.sum(1)
+    numel = sum(target.A[k].shape[2] * target.B[k].shape[1] for k in target.spec.keys())  # noqa: SIM118
     return sq, base, numel
 
 

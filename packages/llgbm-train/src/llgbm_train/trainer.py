@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from llgbm_flora import algebra
 
 from llgbm_train import data as D
 from llgbm_train.config import Config
@@ -333,33 +334,12 @@ def loss_weight(tc, name: str, step: int) -> float:
     )
 
 
-def delta_w_sq_norms(lora) -> torch.Tensor:
-    """||s B A||_F^2 per adapter and (layer, module), without forming B A. -> [n, n_keys]."""
-    out = []
-    for key in lora.spec.keys():  # noqa: SIM118 (LoraSpec.keys, not a dict)
-        a, b = lora.A[key].float(), lora.B[key].float()  # [n, r, in], [n, out, r]
-        btb = b.transpose(1, 2) @ b  # [n, r, r]
-        aat = a @ a.transpose(1, 2)  # [n, r, r]
-        out.append((btb * aat).sum(dim=(1, 2)) * lora.spec.scale**2)  # trace(BtB AAt)
-    return torch.stack(out, dim=1)
-
-
 def norm_penalty(pred, target) -> tuple[torch.Tensor, float]:
     """Mean squared excess of generated over teacher delta-W norms (0 at or below them)."""
-    p = delta_w_sq_norms(pred).clamp_min(1e-20).sqrt()  # [n, n_keys]
+    p = algebra.sq_norms(pred).clamp_min(1e-20).sqrt()  # [n, n_keys]
     with torch.no_grad():
-        t = delta_w_sq_norms(target).clamp_min(1e-20).sqrt()  # [n, n_keys]
+        t = algebra.sq_norms(target).clamp_min(1e-20).sqrt()  # [n, n_keys]
     return torch.relu(p / t - 1.0).pow(2).mean(), 0.0
-
-
-def subset(lora, rows: list[int]):
-    """Rows of a LoraBatch (repeats allowed) as a new LoraBatch."""
-    from llgbm_flora import LoraBatch
-
-    idx = torch.tensor(rows, dtype=torch.long, device=next(iter(lora.A.values())).device)
-    return LoraBatch(
-        lora.spec, {k: v[idx] for k, v in lora.A.items()}, {k: v[idx] for k, v in lora.B.items()}
-    )
 
 
 @dataclass
@@ -555,7 +535,7 @@ def train(
         mask = mask.to(setup.device)
         if tc.cond_noise > 0:
             states = states + tc.cond_noise * torch.randn(states.shape, generator=noise).to(states)
-        target = subset(teachers, local)
+        target = algebra.take(teachers, local)
         lam_d, lam_kl = loss_weight(tc, "d", step), loss_weight(tc, "kl", step)
         with autocast(cfg, setup.device):
             pred = ddp_gen(states, mask)  # LoraBatch [b]

@@ -20,8 +20,6 @@ The maps show directions (rows scaled to unit norm: the cosine geometry Delta Ac
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,15 +130,10 @@ def _figure(w: float, h: float):
 
 def _save(fig, path: Path) -> Path:
     """PNG written atomically (temp file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from llgbm_flora.atomic import atomic_file
+
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

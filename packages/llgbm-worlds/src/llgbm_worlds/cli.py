@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from llgbm_flora.cli_errors import run_command
 
 
 def build_parser(prog: str = "python -m llgbm_worlds") -> argparse.ArgumentParser:
@@ -81,13 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume", file=sys.stderr)
-        return 130
+    return run_command(
+        lambda: run(args),
+        debug=args.debug,
+        interrupted="interrupted: rerun the same command to resume",
+    )

@@ -7,18 +7,12 @@ state at the probe's last token (where a fine-tuned model starts answering).
 
 from __future__ import annotations
 
-# The five Alpaca-style headers of the generic probe set (Delta Activations), verbatim.
-HEADERS: tuple[str, ...] = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "The task described below requires a response that completes the request accurately.",
-    "Below is a description of a task. Provide a response that aligns with the requirements.",
-    "The following instruction outlines a task. Generate a response that meets the specified request.",
-    "You are given an instruction and input. Write a response that completes the task as requested.",
-)
+from llgbm_delta.probes import GENERIC_HEADERS, GENERIC_INPUT, GENERIC_TASK
+
+# The five Alpaca-style headers of the generic probe set (Delta Activations): llgbm-delta's own.
+HEADERS: tuple[str, ...] = GENERIC_HEADERS
 INSTRUCTION_TAG = "\n\n### Instruction:\n"
 RESPONSE_TAG = "\n\n### Response:"
-GENERIC_TASK = "Please provide a response."
-GENERIC_INPUT = "Input."
 
 
 def format_prompt(instruction: str, input: str = "", *, header: int = 0) -> str:

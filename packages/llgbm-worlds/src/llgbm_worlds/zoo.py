@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from llgbm_flora import LoraAdapter, LoraBatch, LoraSpec, save_adapter
+from llgbm_flora.spec import STANDARD_MODULES
 from tqdm.auto import tqdm
 
 from llgbm_worlds.data import collate, encode, hidden_states, response_loss
@@ -53,7 +54,7 @@ from llgbm_worlds.io import (
 )
 from llgbm_worlds.world import INITS
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = STANDARD_MODULES  # llgbm-flora's names of a decoder layer's projections
 DONE = ".done.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 MAX_GRAD_NORM = 1.0  # per run, as torch.nn.utils.clip_grad_norm_ would clip a solo run
