@@ -99,21 +99,33 @@ def encoder_cache_dir(cfg: Config) -> Path:
     return delta_cache_dir(cfg).parent / "encoder_cache"
 
 
+def world_deltas(cfg: Config, model, tokenizer, probes, *, progress: bool = True):
+    """The world's delta service (llgbm_worlds.deltas) on ``cfg``'s cache, probes and DeltaSpec,
+    with the already loaded base: training, evaluation, ``quality`` and compose share entries."""
+    from llgbm_worlds.deltas import WorldDeltas
+
+    return WorldDeltas(
+        world_dir(cfg),
+        cache_dir=delta_cache_dir(cfg),
+        probes=probes,
+        spec=delta_spec(cfg),
+        base=(model, tokenizer),
+        adapters_per_batch=cfg.delta.adapters_per_batch,
+        progress=progress,
+    )
+
+
 def teacher_deltas(
     cfg: Config, model, tokenizer, paths: list[Path], probes, *, progress: bool = True
 ) -> np.ndarray:
-    """[n, hidden] float32 deltas of the teacher adapters at ``paths`` (cached)."""
-    from llgbm_delta import DeltaCache, compute_deltas
-
-    cache = DeltaCache(delta_cache_dir(cfg))
-    kwargs: dict[str, Any] = {
-        "adapters_per_batch": cfg.delta.adapters_per_batch,
-        "progress": progress,
-    }
-    spec = delta_spec(cfg)
-    if spec != type(spec)():
-        kwargs["spec"] = spec
-    return compute_deltas((model, tokenizer), [str(p) for p in paths], probes, cache, **kwargs)
+    """[n, hidden] float32 deltas of the adapters at ``paths`` (cached; the world's teachers
+    through its delta index, so world.json entries and cache entries join)."""
+    wd = world_deltas(cfg, model, tokenizer, probes, progress=progress)
+    by_path = {t.path.resolve(): t for t in wd.world.teachers}
+    infos = [by_path.get(Path(p).resolve()) for p in paths]
+    if all(t is not None for t in infos):
+        return wd.teachers(infos).deltas
+    return wd.adapters([str(p) for p in paths])
 
 
 @dataclass(frozen=True)
