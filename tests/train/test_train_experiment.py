@@ -59,6 +59,7 @@ def _spec(tmp: Path, world_dirs: dict[str, Path], **extra) -> Path:
         ({"worlds": {"w": "world.dir=x"}}, "w: expected a list of key=value overrides"),
         ({"ablations": {"world": "nope", "variants": {"x": []}}}, "'nope' is not among the worlds"),
         ({"seedz": [1]}, "unknown key 'seedz' (did you mean 'seeds'?"),
+        ({"ablations": {"seeds": [5], "variants": {"x": []}}}, "non-empty subset of seeds [0, 1]"),
     ],
 )
 def test_bad_specs_are_one_line(tmp_path, patch, needle):
@@ -88,6 +89,19 @@ def test_plan_trains_equal_configs_once(test_world_dir, tmp_path):
     assert runs[0].dir == tmp_path / "out" / "w" / "baseline-s0"
     assert all(r.cfg.eval.tasks == "all" for r in runs)
     assert X.runs_of(runs, "w", "as_base") == dm
+    # Ablations may run on a subset of the seeds (a CPU budget); objectives keep all of them.
+    path = _spec(
+        tmp_path,
+        {"w": test_world_dir},
+        ablations={
+            "base": "delta_multi",
+            "seeds": [1],
+            "variants": {"high_lr": ["training.lr=1e-2"]},
+        },
+    )
+    spec, _ = X.load_spec(str(path))
+    assert [(r.label, r.seed) for r in X.plan(spec)][-1:] == [("high_lr", 1)]
+    assert len(X.plan(spec)) == 5 and spec.ablation_seeds == (1,)
 
 
 def test_the_tiny_experiment_spec_plans():

@@ -48,6 +48,8 @@ class AblationSpec:
     base: str = "delta_multi"  # objective config the ablations modify
     world: str | None = None  # world label they run on (None: the first world)
     variants: dict[str, Any] = field(default_factory=dict)  # label -> list of dotted overrides
+    # Generator seeds of the ablations (None: the spec's seeds; a subset keeps a CPU budget).
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class ExperimentSpec:
                 raise ConfigError(f"experiment: {label}: expected a list of key=value overrides")
         for o in self.objectives:
             _check_label(Path(o).stem)
+        extra = set(self.ablations.seeds or ()) - set(self.seeds)
+        if self.ablations.seeds is not None and (not self.ablations.seeds or extra):
+            raise ConfigError(
+                f"experiment.ablations.seeds: must be a non-empty subset of seeds {list(self.seeds)}"
+            )
         if self.ablations.variants:
             w = self.ablations.world
             if w is not None and w not in self.worlds:
@@ -89,6 +96,10 @@ class ExperimentSpec:
     @property
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/experiments/{self.name}")
+
+    @property
+    def ablation_seeds(self) -> tuple[int, ...]:
+        return tuple(self.ablations.seeds) if self.ablations.seeds is not None else self.seeds
 
     @property
     def ablation_world(self) -> str:
@@ -137,21 +148,24 @@ def _objective_path(spec: ExperimentSpec, name: str) -> Path:
 
 def plan(spec: ExperimentSpec) -> list[PlannedRun]:
     """Every (world, label, seed) of the spec; equal final configs share one run."""
-    wanted: list[tuple[str, str, str, tuple[str, ...]]] = []  # world, label, objective, overrides
+    # world, label, objective, overrides, seeds
+    wanted: list[tuple[str, str, str, tuple[str, ...], tuple[int, ...]]] = []
     for world in spec.worlds:
         for obj in spec.objectives:
-            wanted.append((world, Path(obj).stem, obj, ()))
+            wanted.append((world, Path(obj).stem, obj, (), spec.seeds))
     for label, ov in spec.ablations.variants.items():
-        wanted.append((spec.ablation_world, label, spec.ablations.base, tuple(ov)))
+        wanted.append(
+            (spec.ablation_world, label, spec.ablations.base, tuple(ov), spec.ablation_seeds)
+        )
     runs: dict[tuple[str, str, int], PlannedRun] = {}
     out: list[PlannedRun] = []
     labels_seen: set[tuple[str, str]] = set()
-    for world, label, obj, extra in wanted:
+    for world, label, obj, extra, seeds in wanted:
         if (world, label) in labels_seen:
             raise ConfigError(f"experiment: label {label!r} is used twice on world {world!r}")
         labels_seen.add((world, label))
         path = _objective_path(spec, obj)
-        for seed in spec.seeds:
+        for seed in seeds:
             ov = [*spec.worlds[world], *spec.overrides, *extra, f"training.seed={seed}"]
             cfg = load_config(path, ov)
             cfg = dataclasses.replace(cfg, name=f"{label}-s{seed}", runs_dir=str(spec.out_dir))

@@ -288,7 +288,8 @@ def results_markdown(results: dict[str, Any], spec) -> str:
     if abl:
         lines += [
             "",
-            f"## Ablations (world `{spec.ablation_world}`, generated adapters, accuracy % "
+            f"## Ablations (world `{spec.ablation_world}`, generator seeds "
+            f"{', '.join(map(str, spec.ablation_seeds))}, generated adapters, accuracy % "
             "[95% CI])",
             "",
             *abl,
