@@ -186,14 +186,7 @@ def page_in_subprocess(args: list[str], page: str) -> str:
 @pytest.mark.parametrize(
     "page",
     [
-        pytest.param(
-            "runs",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="since evaluation moved to eval/ with per-group reports the runs page "
-                "imports torch (not yet traced); issue 15 stays open",
-            ),
-        ),
+        "runs",
         "composition",
     ],
 )
@@ -202,11 +195,6 @@ def test_pages_without_deltas_do_not_import_torch(demo, page):
     assert "torch False" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`import llgbm_worlds` and `import llgbm_delta` import torch in their package "
-    "__init__; the delta pages need nothing of it (issue 13 makes the cache reader torch-free)",
-)
 def test_the_delta_map_does_not_import_torch(demo):
     out = page_in_subprocess(demo_args(demo), "delta_map")
     assert "plots 1" in out and "torch False" in out

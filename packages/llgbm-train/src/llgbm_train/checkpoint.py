@@ -18,10 +18,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from llgbm_flora import atomic
+
+if TYPE_CHECKING:  # torch loads on first use: reading a run's files does not need it
+    import torch
 
 FORMAT = "llgbm-checkpoint/1"
 SUFFIX = ".safetensors"
@@ -35,6 +37,8 @@ class CheckpointError(ValueError):
 
 
 def _encode(obj: Any, where: str, tensors: dict[str, torch.Tensor]) -> Any:
+    import torch
+
     if isinstance(obj, torch.Tensor):
         name = where or "tensor"
         while name in tensors:  # two places that print the same (a key "a.b" and a -> b)
@@ -79,6 +83,8 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def _digest(structure: str, tensors: dict[str, torch.Tensor]) -> str:
+    import torch
+
     h = hashlib.sha256(structure.encode())
     for name in sorted(tensors):
         t = tensors[name]

@@ -40,10 +40,7 @@ def ensure_world(cfg: Config, *, progress: bool = True) -> Path:
         raise DataError(
             f"{d}: no world.json (build one with `llgbm world build {cfg.world.kind} --out {d}`)"
         )
-    try:
-        from llgbm_worlds import build_world
-    except ImportError:  # an llgbm_worlds without the top-level export
-        from llgbm_worlds.build import build_world
+    from llgbm_worlds.build import build_world
 
     build_world(
         cfg.world.kind, d, preset=cfg.world.preset, seed=cfg.world.build_seed, progress=progress
@@ -52,10 +49,7 @@ def ensure_world(cfg: Config, *, progress: bool = True) -> Path:
 
 
 def load_world(path: str | Path):
-    try:
-        from llgbm_worlds import World
-    except ImportError:  # an llgbm_worlds without the top-level export
-        from llgbm_worlds.world import World
+    from llgbm_worlds import World
 
     path = Path(path)
     if not (path / "world.json").is_file():

