@@ -253,7 +253,7 @@ def results_markdown(results: dict[str, Any], spec) -> str:
         f", each with generator seeds {', '.join(map(str, spec.seeds))}; "
         f"{'/'.join(map(str, steps))} training steps; every run's overrides: "
         f"{', '.join(f'`{o}`' for o in spec.overrides) or 'none'}.",
-        f"- Evaluation: the first {ev['max_items']} test items of every task (test inputs never "
+        f"- Evaluation: up to the first {ev['max_items']} test items of every task (test inputs never "
         "seen in training), greedy exact match; the condition is N prompts of the task's own "
         "train items (no answers). Held-out kinds are derived from the world's train parameters "
         "of each family (`llgbm_train.generalisation`).",
