@@ -169,7 +169,7 @@ def test_bf16_autocast_and_gradient_checkpointing_on_cuda(make_config, tmp_path)
 def test_missing_world_is_built_when_allowed(test_world_dir, tmp_path, monkeypatch):
     import shutil
 
-    import llgbm_worlds
+    import llgbm_worlds.build
     from train_world import small_config
 
     calls = []
@@ -179,7 +179,7 @@ def test_missing_world_is_built_when_allowed(test_world_dir, tmp_path, monkeypat
         shutil.copytree(test_world_dir, out)
         return out
 
-    monkeypatch.setattr(llgbm_worlds, "build_world", fake_build)
+    monkeypatch.setattr(llgbm_worlds.build, "build_world", fake_build)  # where training reads it
     target = tmp_path / "worlds" / "tiny"
     cfg = small_config(
         test_world_dir,
