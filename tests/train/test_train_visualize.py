@@ -36,6 +36,12 @@ def test_visualize_a_run(test_world_run, tmp_path, capsys):
     for f in RUN_FIGURES:
         _check_png(out / f)
     assert not (test_world_run / "plots").exists()  # --out respected
+    # The delta maps draw the run's generated adapters (eval/adapters/<task>), not teachers only.
+    from llgbm_train.runs import Run
+    from llgbm_train.visualize import generated_adapters
+
+    gen = generated_adapters(Run(test_world_run))
+    assert gen and all(p.parent == test_world_run / "eval" / "adapters" for p in gen.values())
 
 
 def test_visualize_a_world(test_world_dir, tmp_path, capsys):

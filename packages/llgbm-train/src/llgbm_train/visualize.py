@@ -7,7 +7,7 @@ A run gives:
 - ``curves.png``: every logged loss next to its trivial baseline (``loss_w`` vs the zero LoRA,
   ``loss_d`` vs the zero delta, ...), plus the total loss, learning rate and lambda_d;
 - ``deltas_pca.png`` / ``deltas_tsne.png``: the world's teacher deltas and the run's generated
-  adapters' deltas (``adapters/<task>/``), coloured by family, marked by split, each generated
+  adapters' deltas (``eval/adapters/<task>/``), coloured by family, marked by split, each generated
   point joined to the mean of its task's teachers;
 - ``accuracy.png`` (``accuracy-<tasks>.png`` for ``eval/report-<tasks>.json``): accuracy per
   method with its 95% bootstrap interval, pooled and per task.
@@ -110,8 +110,10 @@ def collect_deltas(cfg, generated: dict[str, Path], *, progress: bool = True) ->
 
 
 def generated_adapters(run: Run) -> dict[str, Path]:
-    """task -> generated PEFT directory under ``RUN/adapters/`` (written by evaluation)."""
-    d = run.dir / "adapters"
+    """task -> generated PEFT directory under ``RUN/eval/adapters/`` (written by evaluation)."""
+    from llgbm_train.evaluate import EVAL_DIR
+
+    d = run.dir / EVAL_DIR / "adapters"
     if not d.is_dir():
         return {}
     return {
