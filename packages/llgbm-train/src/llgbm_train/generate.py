@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from llgbm_flora import atomic
 
 from llgbm_train.config import atomic_write_text
 from llgbm_train.data import draw_prompts
@@ -193,14 +192,11 @@ def generate_dir(
     check_out_dir(out)  # again: it may have appeared meanwhile
     # Adapter and provenance appear together: built beside ``out``, then swapped in (an earlier
     # output moved aside first), so a crash never leaves an adapter this command would refuse.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging = atomic.fresh_dir(out)
     try:
-        save_adapter(adapter, staging / "new")
-        atomic_write_text(staging / "new" / PROVENANCE, json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            os.replace(out, staging / "old")
-        os.replace(staging / "new", out)
+        save_adapter(adapter, staging)
+        atomic_write_text(staging / PROVENANCE, json.dumps(record, indent=2) + "\n")
+        atomic.replace_dir(staging, out, marker=PROVENANCE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return record
