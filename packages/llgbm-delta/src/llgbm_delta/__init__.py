@@ -13,7 +13,7 @@ similarity helpers work without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from llgbm_flora.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -58,14 +58,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llgbm_delta' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"llgbm_delta.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*__all__, "__version__"])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

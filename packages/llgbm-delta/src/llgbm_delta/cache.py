@@ -16,10 +16,11 @@ all its other metadata and the delta bytes, which `get` checks, so a truncated o
 (a logged warning and `DeltaCache.problems`), moved to `corrupt/`, and treated as a miss.
 
 Concurrency: entry files are written to a temporary file in `entries/` and moved into place with
-`os.replace` (llgbm_flora.atomic), so a reader sees the old file, the new one, or none, never half of one. The
-manifest is the only shared file; every update takes the lock, merges with what is on disk and
-is written the same atomic way. The entry files are the truth: `entries()` scans them, and
-`rebuild_manifest()` re-derives the index if a writer died between its entry and the manifest.
+`os.replace` (llgbm_flora.atomic), so a reader sees the old file, the new one, or none, never
+half of one. The manifest is the only shared file; every update takes the lock, merges with
+what is on disk and is written the same atomic way. The entry files are the truth: `entries()`
+scans them, and `rebuild_manifest()` re-derives the index if a writer died between its entry
+and the manifest.
 
 A cache is made for one base model: the first `bind` records its fingerprint, and binding a
 different base raises `CacheError` (use one cache directory per base). Locking uses
@@ -468,8 +469,7 @@ class DeltaCache:
                 )
             ),
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out) as tmp, open(tmp, "wb") as f:
+        with atomic_file(out) as tmp, open(tmp, "wb") as f:  # creates out's folder
             np.savez(f, **arrays)
         return out
 

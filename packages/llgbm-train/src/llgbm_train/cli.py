@@ -323,7 +323,7 @@ def cmd_compute_deltas(args) -> int:
     model, tok = load_base(world.base_path, cfg, resolve_device(cfg))
     paths = [D.teacher_path(root, t) for t in world.teachers]
     t0 = time.perf_counter()
-    deltas = D.teacher_deltas(cfg, model, tok, paths, D.load_probes(cfg))
+    deltas = D.teacher_deltas(cfg, model, tok, paths, D.load_probes(cfg), world=world)
     print(
         f"{len(paths)} teacher deltas [{deltas.shape[1]}] in {D.delta_cache_dir(cfg)} "
         f"({time.perf_counter() - t0:.1f} s)"

@@ -93,13 +93,14 @@ def encoder_cache_dir(cfg: Config) -> Path:
     return delta_cache_dir(cfg).parent / "encoder_cache"
 
 
-def world_deltas(cfg: Config, model, tokenizer, probes, *, progress: bool = True):
+def world_deltas(cfg: Config, model, tokenizer, probes, *, world=None, progress: bool = True):
     """The world's delta service (llgbm_worlds.deltas) on ``cfg``'s cache, probes and DeltaSpec,
-    with the already loaded base: training, evaluation, ``quality`` and compose share entries."""
+    with the already loaded base (and world, when given): training, evaluation, ``quality`` and
+    compose share entries."""
     from llgbm_worlds.deltas import WorldDeltas
 
     return WorldDeltas(
-        world_dir(cfg),
+        world if world is not None else world_dir(cfg),
         cache_dir=delta_cache_dir(cfg),
         probes=probes,
         spec=delta_spec(cfg),
@@ -110,11 +111,19 @@ def world_deltas(cfg: Config, model, tokenizer, probes, *, progress: bool = True
 
 
 def teacher_deltas(
-    cfg: Config, model, tokenizer, paths: list[Path], probes, *, progress: bool = True
+    cfg: Config,
+    model,
+    tokenizer,
+    paths: list[Path],
+    probes,
+    *,
+    world=None,
+    progress: bool = True,
 ) -> np.ndarray:
     """[n, hidden] float32 deltas of the adapters at ``paths`` (cached; the world's teachers
-    through its delta index, so world.json entries and cache entries join)."""
-    wd = world_deltas(cfg, model, tokenizer, probes, progress=progress)
+    through its delta index, so world.json entries and cache entries join). ``world``: the
+    already loaded World of ``cfg`` (else it is loaded again)."""
+    wd = world_deltas(cfg, model, tokenizer, probes, world=world, progress=progress)
     by_path = {t.path.resolve(): t for t in wd.world.teachers}
     infos = [by_path.get(Path(p).resolve()) for p in paths]
     if all(t is not None for t in infos):
@@ -223,7 +232,9 @@ def load_train_data(
             raise DataError(f"{root}/world.json: teacher adapter {path} is missing")
         adapters.append(load_adapter(path))
     teachers = LoraBatch.from_adapters(adapters)
-    deltas = teacher_deltas(cfg, model, tokenizer, [p for _, p in pairs], probes, progress=progress)
+    deltas = teacher_deltas(
+        cfg, model, tokenizer, [p for _, p in pairs], probes, world=world, progress=progress
+    )
     by_name = {t.name: t for t in world.tasks}
     pools = {}
     for name, _ in pairs:

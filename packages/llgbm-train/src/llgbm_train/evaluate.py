@@ -168,12 +168,18 @@ def oracle_teacher(setup: Setup, task: str) -> Path | None:
 
 
 def teacher_delta_map(setup: Setup, paths: list[Path]) -> dict[Path, torch.Tensor]:
-    """Cached deltas [hidden] of teacher adapters, in one compute_deltas call."""
+    """Cached deltas [hidden] of teacher adapters, in one call of the world's delta service."""
     paths = list(dict.fromkeys(paths))
     if not paths:
         return {}
     deltas = D.teacher_deltas(
-        setup.cfg, setup.model, setup.tokenizer, paths, setup.probes, progress=False
+        setup.cfg,
+        setup.model,
+        setup.tokenizer,
+        paths,
+        setup.probes,
+        world=setup.world,
+        progress=False,
     )  # [n, hidden]
     return {p: torch.as_tensor(deltas[i]) for i, p in enumerate(paths)}
 

@@ -84,7 +84,8 @@ def collect_deltas(cfg, generated: dict[str, Path], *, progress: bool = True) ->
     probes = D.load_probes(cfg)
     teachers = list(world.teachers)
     paths = [D.teacher_path(root, t) for t in teachers]
-    rows = [np.asarray(D.teacher_deltas(cfg, model, tok, paths, probes, progress=progress))]
+    deltas = D.teacher_deltas(cfg, model, tok, paths, probes, world=world, progress=progress)
+    rows = [np.asarray(deltas)]
     task_names = [t.task for t in teachers]
     roles = []
     for t in teachers:

@@ -293,8 +293,7 @@ class WorldDeltas:
     def _update_index(self, fresh: dict[str, dict], view: dict) -> None:
         from llgbm_flora.atomic import file_lock
 
-        self.cache.root.mkdir(parents=True, exist_ok=True)
-        lock = Path(str(self.index_path) + ".lock")
+        lock = Path(str(self.index_path) + ".lock")  # file_lock creates the cache folder
         with file_lock(lock, what=f"world delta index {self.index_path}", timeout=None):
             index = self._read_index()  # merge with what other processes wrote meanwhile
             index["teachers"].update(fresh)
