@@ -63,3 +63,14 @@ def test_flop_count_qwen_shapes():
     # 2 * 1.31e9 linear params * 200 tokens ~ 524 GFLOP; at 791 TFLOP/s about 1,500 adapters/s.
     assert 520e9 < flops < 545e9
     assert 1400 < 791e12 / flops < 1560
+
+
+@pytest.mark.slow
+def test_delta_cli_light_benchmark_runs(tmp_path, capsys):
+    out = tmp_path / "cli.jsonl"
+    res = _load("delta_cli_light").main(["--entries", "5", "--repeats", "1", "--out", str(out)])
+    assert res["imports"]["ls"]["heavy_imported"] == []
+    assert res["imports"]["export"]["heavy_imported"] == []
+    assert 0 < res["imports"]["ls"]["numpy_import_s"] < res["imports"]["ls"]["imports_s"]
+    assert res["ls_s"]["min"] > 0 and json.loads(out.read_text())["entries"] == 5
+    assert "| entries 5, hidden 96 |" in capsys.readouterr().out

@@ -13,7 +13,7 @@ import pytest
 import torch
 from llgbm_delta import DeltaCache, compute_deltas
 from llgbm_delta.cli import discover_adapters, main
-from llgbm_delta.testing import make_peft_adapter, tiny_llama
+from llgbm_delta.testing import make_peft_adapter, synthetic_cache, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -187,30 +187,6 @@ def test_console_script_help():
     assert torch is not None
 
 
-def _synthetic_cache(root, n: int = 200) -> DeltaCache:
-    """A cache of n entries written directly (no model), as `compute` would lay it out."""
-    from llgbm_delta import BaseInfo
-
-    cache = DeltaCache(root)
-    cache.bind(BaseInfo(fingerprint="f" * 64, name="base", hidden_size=64, dtype="float32"))
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        meta = {
-            "base_fingerprint": "f" * 64,
-            "probe_hash": "p" * 64,
-            "probe_name": "generic",
-            "token_hash": "t" * 64,
-            "spec": {"definition": 1, "layer": -1, "token": "last"},
-            "spec_hash": "s" * 64,
-            "adapter_hash": f"{i:064x}",
-            "adapter_name": f"adapters/a{i:03d}",
-        }
-        rows.append((meta, rng.standard_normal(64).astype(np.float32)))
-    cache.put_many(rows)
-    return cache
-
-
 _LS_PROBE = """
 import sys, time
 t0 = time.perf_counter()
@@ -224,7 +200,7 @@ print("RESULT", codes, heavy, f"{elapsed:.3f}", file=sys.stderr)
 
 
 def test_ls_and_export_import_no_torch(tmp_path):
-    _synthetic_cache(tmp_path / "cache")
+    synthetic_cache(tmp_path / "cache", 200)
     out = subprocess.run(
         [sys.executable, "-c", _LS_PROBE, str(tmp_path / "cache"), str(tmp_path / "d.npz")],
         capture_output=True,
@@ -239,7 +215,7 @@ def test_ls_and_export_import_no_torch(tmp_path):
 
 
 def test_ls_and_export_exit_1_on_corrupt_entries(tmp_path, capsys):
-    cache = _synthetic_cache(tmp_path / "cache", n=3)
+    cache = synthetic_cache(tmp_path / "cache", 3)
     victim = cache.entry_path(cache.entries()[1].key)
     victim.write_bytes(victim.read_bytes()[:-5])
     code, out, err = run(["ls", tmp_path / "cache"], capsys)

@@ -168,3 +168,16 @@ print(sorted(n for n in llgbm_delta.__all__ if not hasattr(llgbm_delta, n)))
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.splitlines() == ["False False False False", "[]"]
+
+
+def test_package_readmes_have_only_absolute_links():
+    """A README is also the wheel's page on an index, where a relative link leads nowhere."""
+    readmes = sorted((PKG.parent).glob("*/README.md"))
+    assert PKG / "README.md" in readmes
+    for readme in readmes:
+        text = readme.read_text()
+        targets = re.findall(r"\[[^\]]*\]\(([^)\s]+)", text)
+        targets += re.findall(r"^\[[^\]]+\]:\s*(\S+)", text, flags=re.M)  # reference links
+        targets += re.findall(r"""(?:src|href)=["']([^"']+)""", text)  # HTML
+        relative = [t for t in targets if not re.match(r"(https?://|mailto:|#)", t)]
+        assert not relative, f"{readme}: relative links {relative}"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from llgbm_delta import AdapterError, DeltaCache, compute_deltas, generic_probes, run_deltas
 from llgbm_delta.testing import make_peft_adapter
-from peft import PeftModel
+from peft import IA3Config, LoraConfig, PeftModel, VeloraConfig
 from transformers import AutoModelForCausalLM
 
 from .conftest import reference_vector
@@ -30,6 +30,8 @@ VARIANTS = {
     "rslora_pattern": dict(target_modules=ALL, use_rslora=True, rank_pattern={"k_proj": 8}),
     "layers_to_transform": dict(target_modules=ALL, layers_to_transform=[1]),
     "dora_pattern": dict(use_dora=True, target_modules=ALL, alpha_pattern={"o_proj": 2}),
+    # A PEFT LoRA variant whose eval forward is plain LoRA (it differs in its initialisation).
+    "mica": dict(target_modules=ALL, init_lora_weights="mica"),
 }
 
 
@@ -73,15 +75,55 @@ def test_variant_keys_differ_from_plain_lora(variant_dirs, adapter_dirs, model, 
     assert len(set(r.keys)) == len(dirs)
 
 
+def _peft_made(base_dir, out, config) -> str:
+    """An adapter of any PEFT type, made and saved by PEFT itself (weights as initialised)."""
+    from peft import get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+# What PEFT loads but llgbm-delta cannot embed, each made by PEFT: (config, expected words).
+UNSUPPORTED = {
+    "modules_to_save": (
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        "modules_to_save is not supported",
+    ),
+    "alora": (
+        lambda: LoraConfig(
+            r=4, target_modules=["q_proj"], alora_invocation_tokens=[5, 6], task_type="CAUSAL_LM"
+        ),
+        "activated LoRA (alora_invocation_tokens) is not supported",
+    ),
+    "trainable_tokens": (
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 4]),
+        "trainable_token_indices (trained embedding rows) is not supported",
+    ),
+    "pissa": (
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"),
+        "init_lora_weights='pissa' is not supported: PEFT changes the base weights",
+    ),
+    "velora": (
+        lambda: LoraConfig(r=4, target_modules=["q_proj"], velora_config=VeloraConfig()),
+        "VeLoRA (velora_config) is not supported",
+    ),
+    "ia3": (
+        lambda: IA3Config(
+            target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+        "peft_type is 'IA3', only LORA adapters are supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("feature", list(UNSUPPORTED))
 def test_unsupported_feature_is_one_line_before_the_model_loads(
-    base_dir, adapter_dirs, tmp_path, monkeypatch
+    feature, base_dir, adapter_dirs, tmp_path, monkeypatch
 ):
-    bad = make_peft_adapter(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        tmp_path / "with_head",
-        seed=3,
-        modules_to_save=["lm_head"],
-    )
+    config, expected = UNSUPPORTED[feature]
+    bad = _peft_made(base_dir, tmp_path / feature, config())
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), bad)  # PEFT loads it
     import llgbm_delta.base as base_mod
 
     def no_load(*a, **k):
@@ -91,7 +133,7 @@ def test_unsupported_feature_is_one_line_before_the_model_loads(
     with pytest.raises(AdapterError) as err:
         compute_deltas(base_dir, [*adapter_dirs[:4], bad], cache=tmp_path / "c", progress=False)
     msg = str(err.value)
-    assert str(bad) in msg and "modules_to_save is not supported" in msg and "\n" not in msg
+    assert str(bad) in msg and expected in msg and "\n" not in msg
 
 
 # -- full fine-tuned checkpoints -------------------------------------------------------------
@@ -163,6 +205,7 @@ def _hub_cache(root, repo_id: str, adapter_dir) -> None:
     repo = root / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v1").write_text(commit)  # a tag: `repo_id@v1`
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for f in adapter_dir.iterdir():
@@ -173,7 +216,7 @@ def _hub_cache(root, repo_id: str, adapter_dir) -> None:
 
 
 def test_hub_id_resolves_offline_from_the_cache(
-    base_dir, variant_dirs, adapter_dirs, tmp_path, monkeypatch
+    base_dir, tok, variant_dirs, adapter_dirs, tmp_path, monkeypatch
 ):
     from huggingface_hub import constants
 
@@ -183,13 +226,16 @@ def test_hub_id_resolves_offline_from_the_cache(
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
-    r = run_deltas(
-        base_dir, ["someone/tiny-dora", adapter_dirs[0]], cache=tmp_path / "c", progress=False
-    )
+    ids = ["someone/tiny-dora", adapter_dirs[0], "someone/tiny-dora@v1"]
+    r = run_deltas(base_dir, ids, cache=tmp_path / "c", progress=False)
+    ref = _peft_reference(base_dir, tok, variant_dirs["dora"][0])  # PEFT's forward, local copy
+    np.testing.assert_allclose(r.deltas[0], ref, rtol=0, atol=2e-5)
     local = compute_deltas(base_dir, [variant_dirs["dora"][0], adapter_dirs[0]], progress=False)
-    np.testing.assert_allclose(r.deltas, local, rtol=0, atol=1e-6)
-    assert r.names[0] == "someone/tiny-dora"
-    assert DeltaCache(tmp_path / "c").entries()[-1].adapter_name == "someone/tiny-dora"
+    np.testing.assert_allclose(r.deltas[:2], local, rtol=0, atol=1e-6)
+    assert r.names[0] == "someone/tiny-dora" and r.keys[2] == r.keys[0]  # @v1: same content
+    np.testing.assert_array_equal(r.deltas[2], r.deltas[0])
+    named = {e.key: e.adapter_name for e in DeltaCache(tmp_path / "c").entries()}
+    assert named[r.keys[0]] in ("someone/tiny-dora", "someone/tiny-dora@v1")  # the id, not a path
 
     with pytest.raises(AdapterError) as err:
         compute_deltas(base_dir, ["someone/not-there"], progress=False)

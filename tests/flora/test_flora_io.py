@@ -317,6 +317,25 @@ BAD = {
     "rank_pattern": (_config_edit(rank_pattern=[8]), "rank_pattern must be an object"),
     "alpha_pattern": (_config_edit(alpha_pattern={"q_proj": "x"}), "alpha_pattern['q_proj']"),
     "fan_in_fan_out": (_config_edit(fan_in_fan_out=True), "fan_in_fan_out is not supported"),
+    "alora": (
+        _config_edit(alora_invocation_tokens=[5, 6]),
+        "activated LoRA (alora_invocation_tokens) is not supported",
+    ),
+    "trainable tokens": (
+        _config_edit(trainable_token_indices=list(range(100))),
+        "trainable_token_indices (trained embedding rows) is not supported "
+        "(trainable_token_indices=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16...)",
+    ),
+    "kasa": (_config_edit(kasa_config={"beta": 1.0}), "KaSA (kasa_config) is not supported"),
+    "bdlora": (_config_edit(use_bdlora={"nblocks": 2}), "block-diagonal LoRA"),
+    "arrow": (_config_edit(arrow_config={"top_k": 2}), "Arrow routing"),
+    "monteclora": (_config_edit(monteclora_config={"n": 2}), "MonteCLoRA"),
+    "qalora": (_config_edit(use_qalora=True), "QA-LoRA"),
+    "pissa": (
+        _config_edit(init_lora_weights="pissa_niter_4"),
+        "init_lora_weights='pissa_niter_4' is not supported: PEFT changes the base weights",
+    ),
+    "olora": (_config_edit(init_lora_weights="olora"), "init_lora_weights='olora'"),
     "bad r": (_config_edit(r=0), "r must be a positive integer"),
     "bad targets": (_config_edit(target_modules=7), "target_modules"),
 }

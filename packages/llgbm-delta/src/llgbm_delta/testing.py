@@ -136,3 +136,30 @@ def make_peft_adapter(
     path = Path(path)
     peft_model.save_pretrained(path)
     return path
+
+
+def synthetic_cache(root: str | Path, n: int, hidden: int = 64, *, seed: int = 0):
+    """A DeltaCache of `n` random entries written directly (no model), laid out as `compute`
+    writes it: for tests and benchmarks of `ls` / `export` at a given size."""
+    import numpy as np
+
+    from llgbm_delta.cache import BaseInfo, DeltaCache
+
+    cache = DeltaCache(root)
+    cache.bind(BaseInfo(fingerprint="f" * 64, name="base", hidden_size=hidden, dtype="float32"))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        meta = {
+            "base_fingerprint": "f" * 64,
+            "probe_hash": "p" * 64,
+            "probe_name": "generic",
+            "token_hash": "t" * 64,
+            "spec": {"definition": 1, "layer": -1, "token": "last"},
+            "spec_hash": "s" * 64,
+            "adapter_hash": f"{i:064x}",
+            "adapter_name": f"adapters/a{i:03d}",
+        }
+        rows.append((meta, rng.standard_normal(hidden).astype(np.float32)))
+    cache.put_many(rows)
+    return cache

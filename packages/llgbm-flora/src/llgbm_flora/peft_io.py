@@ -60,7 +60,10 @@ _DEFAULT_PATHS = {
     **{m: f"model.layers.{{layer}}.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")},
 }
 
-# Config fields whose non-empty / true value changes what the adapter computes.
+# Config fields whose non-empty / true value changes what the adapter computes. The LoRA
+# variants are PEFT's (LoraConfig fields tagged `is_lora_variant`, PEFT 0.21) other than DoRA
+# (implemented) and MiCA (plain LoRA in eval; tested against PEFT in tests/delta). VeLoRA is
+# plain LoRA in eval too, but saves extra `lora_velora_embed` tensors this reader does not take.
 _UNSUPPORTED = {
     "modules_to_save": "modules_to_save",
     "fan_in_fan_out": "fan_in_fan_out",
@@ -68,7 +71,19 @@ _UNSUPPORTED = {
     "layer_replication": "layer_replication",
     "target_parameters": "target_parameters",
     "exclude_modules": "exclude_modules",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "velora_config": "VeLoRA (velora_config)",
 }
+
+# init_lora_weights values whose adapter, saved unconverted, only applies to the base as PEFT
+# rewrites it on loading (residual weights): PEFT's forward is not W x + s B A x on the base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def _module_path(spec: LoraSpec, key: LoraKey) -> str:
@@ -277,7 +292,16 @@ def _config_values(config: dict[str, Any], where: str) -> dict[str, Any]:
         )
     for name, what in _UNSUPPORTED.items():
         if config.get(name):
-            raise LoraFormatError(f"{where}: {what} is not supported ({name}={config[name]!r})")
+            value = repr(config[name])
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise LoraFormatError(f"{where}: {what} is not supported ({name}={value})")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(_BASE_CHANGING_INITS):
+        raise LoraFormatError(
+            f"{where}: init_lora_weights={init!r} is not supported: PEFT changes the base weights "
+            "when it loads such an adapter; save it converted to plain LoRA "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     bias = config.get("bias", "none")
     if bias != "none":
         raise LoraFormatError(f"{where}: bias={bias!r} is not supported (only 'none')")
