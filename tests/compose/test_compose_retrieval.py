@@ -117,6 +117,12 @@ def test_bad_input_is_one_clear_line(world, world_deltas, teachers, deltas, tmp_
         with pytest.raises(RetrievalError, match=message) as info:
             fn()
         assert "\n" not in str(info.value)
+    empty = DeltaIndex.create(np.asarray(deltas).shape[1]).save(tmp_path / "empty")
+    with pytest.raises(RetrievalError, match="the index is empty") as info:
+        DeltaIndex.load(empty)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RetrievalError, match="the index is empty"):
+        DeltaIndex.create(8).neighbours(np.ones(8), k=1)
     path = index.save(tmp_path / "idx")
     (path / "index.json").write_text("{broken")
     with pytest.raises(RetrievalError, match="not valid JSON"):
