@@ -33,10 +33,22 @@ def test_clustering_matches_direct_silhouettes(world, world_deltas):
     labels = {"family": [fam[t.task] for t in teachers], "task": [t.task for t in teachers]}
     deltas = world_deltas.teachers(teachers).deltas
     dw = np.stack([dense_flat(t.path) for t in teachers])
+    # Flattened weights: every A and B entry of the adapter, concatenated (read here from the
+    # safetensors file, not through llgbm_worlds.quality).
+    from safetensors.numpy import load_file
+
+    def flat_ab(path) -> np.ndarray:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+        a = [tensors[k].ravel() for k in sorted(tensors) if "lora_A" in k]
+        b = [tensors[k].ravel() for k in sorted(tensors) if "lora_B" in k]
+        return np.concatenate(a + b).astype(np.float64)
+
+    flat = np.stack([flat_ab(t.path) for t in teachers])
     s = report["silhouette"]
     for g, lab in labels.items():
         assert s["delta"][g] == pytest.approx(silhouette_cosine(deltas, lab), abs=1e-9)
         assert s["delta_w"][g] == pytest.approx(silhouette_cosine(dw, lab), abs=1e-6)
+        assert s["weights"][g] == pytest.approx(silhouette_cosine(flat, lab), abs=1e-6)
     assert report["n_teachers"] == len(teachers)
     assert report["n_families"] == len(set(labels["family"])) == 3
 

@@ -107,3 +107,22 @@ def test_commands_mount_in_a_host_cli_with_a_predictor(
     assert run(args) == 0
     assert json.loads(capsys.readouterr().out)[0]["task"] == teacher.task
     assert calls == [str(prompts)]
+
+
+def test_merge_scores_are_the_saved_adapters_scores(composed, world, world_deltas):
+    """The report's accuracies are real scores: re-scoring a saved merge (PEFT dir) and a teacher
+    on the same items with llgbm_worlds.score gives the same numbers."""
+    from llgbm_worlds import score
+
+    report = json.loads((composed / "report.json").read_text())
+    mix = report["merges"]["mixtures"][0]
+    model, tok = world_deltas.base()
+    for name, path in (
+        ("ties", composed / "adapters" / mix["task"] / "ties"),
+        ("teacher_a", world.root / mix["teachers"]["a"]),
+    ):
+        for which, task in (("a", mix["parts"][0]), ("mix", mix["task"])):
+            items = world.task(task).items("test")[:2]
+            got = report["merges"]["mixtures"][0]["scores"][name][which]
+            assert got["n_items"] == 2
+            assert got["accuracy"] == pytest.approx(np.mean(score(model, tok, items, adapter=path)))

@@ -137,6 +137,21 @@ def test_dare_is_seeded_rescaled_and_unbiased(pair):
     assert mean_err < 0.12  # ... the average of many is close (expected ~ 1/sqrt(300) = 0.06)
 
 
+def test_dare_matches_a_dense_reference(pair):
+    """DARE written out: per key, per adapter (in that order) a uniform draw from the seeded
+    generator, entries below the drop rate zeroed, survivors / (1 - p), weighted sum."""
+    drop, seed, w = 0.4, 7, [0.7, 0.3]
+    m = merges.dare(pair, drop=drop, seed=seed, weights=w, rank="exact")
+    g = torch.Generator().manual_seed(seed)
+    for k in KEYS:
+        ref = 0
+        for a, wi in zip(pair, w):
+            x = dense(a, k)
+            keep = torch.rand(x.shape, generator=g, dtype=torch.float64) >= drop
+            ref = ref + wi * torch.where(keep, x / (1 - drop), torch.zeros_like(x))
+        torch.testing.assert_close(dense(m.adapter, k), ref)
+
+
 def test_dare_masks_are_independent_per_adapter(pair):
     a = pair[0]
     m = merges.dare([a, a], drop=0.5, seed=0, weights=[0.5, 0.5], rank="exact")

@@ -43,3 +43,18 @@ def test_readme_example_runs(world_dir, capsys):
     assert n == 1
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip().splitlines()[-1] == "True"
+
+
+def test_import_is_lazy_and_every_export_resolves():
+    """`import llgbm_compose` (and its CLI, which `llgbm` mounts) loads neither torch nor faiss;
+    every name in __all__ resolves."""
+    import subprocess
+
+    code = """
+import sys
+import llgbm_compose, llgbm_compose.cli
+print("torch" in sys.modules, "faiss" in sys.modules)
+print(sorted(n for n in llgbm_compose.__all__ if getattr(llgbm_compose, n, None) is None))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["False False", "[]"]

@@ -117,6 +117,12 @@ def test_bad_input_is_one_clear_line(world, world_deltas, teachers, deltas, tmp_
         with pytest.raises(RetrievalError, match=message) as info:
             fn()
         assert "\n" not in str(info.value)
+    empty = DeltaIndex.create(np.asarray(deltas).shape[1]).save(tmp_path / "empty")
+    with pytest.raises(RetrievalError, match="the index is empty") as info:
+        DeltaIndex.load(empty)
+    assert "\n" not in str(info.value)
+    with pytest.raises(RetrievalError, match="the index is empty"):
+        DeltaIndex.create(8).neighbours(np.ones(8), k=1)
     path = index.save(tmp_path / "idx")
     (path / "index.json").write_text("{broken")
     with pytest.raises(RetrievalError, match="not valid JSON"):
@@ -138,3 +144,20 @@ def test_paths_outside_the_world_are_refused(world, world_deltas, teachers):
     hit.row = {**hit.row, "path": "../../etc"}
     with pytest.raises(RetrievalError, match="leaves the world"):
         index.adapter_path(hit)
+
+
+def test_near_duplicate_deltas_still_retrieve_themselves_first():
+    """Checkpoints of one run differ by 1 - cos ~ 1e-8, below faiss's float32 rounding; the flat
+    index re-ranks by float64 cosine, so every delta still finds itself first."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((20, 64))
+    x = np.concatenate([base + 1e-4 * rng.standard_normal(base.shape) for _ in range(3)])
+    index = DeltaIndex.build(x, kind="flat")
+    unit = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    plain = index.index.search(unit, 1)[1][:, 0]  # faiss alone
+    assert (plain != np.arange(len(x))).any()  # float32 ranking loses some to their twins
+    scores, ids = index.search(x, 3)
+    assert (ids[:, 0] == np.arange(len(x))).all()
+    assert (scores[:, 0] >= scores[:, 1]).all() and (ids[:, 1] % 20 == np.arange(len(x)) % 20).all()
+    r = precision_at_k(index, x, [{"task": i % 20} for i in range(len(x))], 2, "task")
+    assert r["self_rank1"] == len(x) and r["precision"] == 1.0

@@ -16,6 +16,7 @@ def test_configs_exist():
         "baseline",
         "delta_multi",
         "delta_only",
+        "delta_retrieve",
         "smollm2_delta_multi",
         "qwen2.5-1.5b_delta_multi",
     } <= names
@@ -35,9 +36,11 @@ def test_default_configs_use_the_tiny_world():
         ("baseline", "baseline"),
         ("delta_multi", "delta_multi"),
         ("delta_only", "delta_only"),
+        ("delta_retrieve", "delta_only"),
     ):
         assert by[name].world.kind == "tiny" and by[name].world.dir == "worlds/tiny"
         assert by[name].training.objective == objective
+    assert by["delta_retrieve"].retrieves and not by["delta_only"].retrieves
 
 
 def test_paper_setting():

@@ -108,7 +108,7 @@ def test_the_tiny_experiment_spec_plans():
     """configs/experiments/tiny.yaml: every objective, >= 3 seeds, both world inits, valid."""
     spec, _ = X.load_spec(str(REPO / "configs/experiments/tiny.yaml"))
     spec = dataclasses.replace(spec, configs_dir=str(REPO / "configs"))
-    assert {"baseline", "delta_multi", "delta_only"} <= set(spec.objectives)
+    assert {"baseline", "delta_multi", "delta_only", "delta_retrieve"} <= set(spec.objectives)
     assert len(spec.seeds) >= 3 and set(spec.worlds) == {"shared", "independent"}
     runs = X.plan(spec)
     presets = {r.world: r.cfg.world.preset for r in runs}
@@ -116,6 +116,7 @@ def test_the_tiny_experiment_spec_plans():
     assert len({r.cfg.world.dir for r in runs}) == 2
     assert spec.ablation_world == "shared"
     assert all(r.cfg.eval.tasks == "all" for r in runs)
+    assert {r.cfg.training.variant for r in runs if r.label == "delta_retrieve"} == {"b2"}
 
 
 @pytest.fixture(scope="module")

@@ -7,37 +7,34 @@
     hits = index.query_adapter("out/merged", k=5)
     report = run_compose("worlds/tiny", "runs/compose/tiny")              # the whole study
 
-Nothing runs or reads files at import time.
+Nothing runs or reads files at import time, and nothing heavy is imported: each name loads
+its module (torch, faiss) on first use (llgbm_flora.lazy).
 """
 
-from llgbm_compose import merges
-from llgbm_compose.additivity import additivity, compare_deltas
-from llgbm_compose.clustering import clustering
-from llgbm_compose.errors import ComposeError, RetrievalError
-from llgbm_compose.experiment import ComposeConfig, run_compose
-from llgbm_compose.merges import Merge, average, dare, merge, task_arithmetic, ties
-from llgbm_compose.retrieval import DeltaIndex, Hit, index_world, precision_at_k, retrieve_merge
+from llgbm_flora.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ComposeConfig",
-    "ComposeError",
-    "DeltaIndex",
-    "Hit",
-    "Merge",
-    "RetrievalError",
-    "additivity",
-    "average",
-    "clustering",
-    "compare_deltas",
-    "dare",
-    "index_world",
-    "merge",
-    "merges",
-    "precision_at_k",
-    "retrieve_merge",
-    "run_compose",
-    "task_arithmetic",
-    "ties",
-]
+_EXPORTS = {
+    "ComposeConfig": "experiment",
+    "ComposeError": "errors",
+    "DeltaIndex": "retrieval",
+    "Hit": "retrieval",
+    "Merge": "merges",
+    "RetrievalError": "errors",
+    "additivity": "additivity",
+    "average": "merges",
+    "clustering": "clustering",
+    "compare_deltas": "additivity",
+    "dare": "merges",
+    "index_world": "retrieval",
+    "merge": "merges",
+    "merges": None,
+    "precision_at_k": "retrieval",
+    "retrieve_merge": "retrieval",
+    "run_compose": "experiment",
+    "task_arithmetic": "merges",
+    "ties": "merges",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -73,6 +73,12 @@ def add_commands(
     q = r.add_mutually_exclusive_group(required=True)
     q.add_argument("--adapter", help="PEFT adapter directory to embed and query with")
     q.add_argument("--prompts", help="prompts of a task: .jsonl with 'prompt' rows, or text lines")
+    r.add_argument(
+        "--predictor",
+        metavar="SOURCE",
+        help="with --prompts: what the host's delta predictor loads (under `llgbm retrieve`: a "
+        "trained run directory, a b2 predictor or a generator)",
+    )
     r.add_argument("-k", type=int, default=5, help="neighbours to return (default: 5)")
     r.add_argument("--world", help="world to embed the adapter on (default: the index's)")
     r.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -167,6 +173,19 @@ def read_prompts(path: str | Path) -> list[str]:
     return out
 
 
+def check_same_deltas(index, source: dict | None) -> None:
+    """A predictor's deltas and the index's must come from one probe set and delta spec."""
+    if not source:
+        return
+    for key, what in (("probe_hash", "probe set"), ("spec_hash", "delta spec")):
+        have, want = index.source.get(key), source.get(key)
+        if have and want and have != want:
+            raise RetrievalError(
+                f"the index's deltas use another {what} ({have}) than the predictor's ({want}); "
+                "rebuild the index with the predictor's probes, or use a matching predictor"
+            )
+
+
 def cmd_retrieve(args) -> int:
     from llgbm_compose.retrieval import DeltaIndex
 
@@ -186,7 +205,10 @@ def cmd_retrieve(args) -> int:
                 "querying by prompts needs a delta predictor: use `llgbm retrieve` with a "
                 "trained predictor run (llgbm-train), or query with --adapter"
             )
-        hits = index.query_prompts(read_prompts(args.prompts), factory(args), args.k)
+        prompts = read_prompts(args.prompts)
+        predictor = factory(args)
+        check_same_deltas(index, getattr(predictor, "source", None))
+        hits = index.query_prompts(prompts, predictor, args.k)
     if args.json:
         print(json.dumps([{"rank": h.rank, "score": h.score, **h.row} for h in hits], indent=2))
         return 0

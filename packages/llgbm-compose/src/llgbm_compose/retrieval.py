@@ -9,7 +9,8 @@
     hits = index.query_prompts(prompts, predictor, k=5)   # predictor: prompts -> delta [hidden]
     precision_at_k(index, deltas, rows, k=5, by="family")
 
-Scores are inner products of unit vectors, i.e. cosines. ``kind="flat"`` searches exactly;
+Scores are inner products of unit vectors, i.e. cosines. ``kind="flat"`` searches exactly (its
+top candidates re-ranked by float64 cosine: near-duplicate deltas differ below float32 rounding);
 ``kind="ivf"`` (an inverted file over ``nlist`` k-means cells, ``nprobe`` of them searched per
 query; ``codec`` "flat", "fp16" or "sq8" for the stored vectors) is for large zoos; "auto" picks
 IVF from 20,000 deltas up. On disk: ``index.faiss`` (faiss.write_index) and ``index.json``
@@ -38,6 +39,7 @@ INDEX_DIR = "delta_index"  # inside a world, beside its delta_cache
 KINDS = ("auto", "flat", "ivf")
 CODECS = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 AUTO_IVF_FROM = 20_000  # "auto": flat below this many deltas, IVF from here
+RERANK_EXTRA = 16  # flat search: candidates beyond k re-ranked by float64 cosine
 
 
 @dataclass
@@ -305,8 +307,21 @@ class DeltaIndex:
                 f"query has {q.shape[1]} dimensions, the index {self.dim}: deltas of another "
                 "base model or layer?"
             )
-        scores, ids = self.index.search(q, k)
-        return scores, ids
+        if self.kind != "flat":
+            return self.index.search(q, k)
+        # Flat: faiss ranks in float32, whose rounding (~1e-7) exceeds the cosine gap between
+        # checkpoints of one training run (1 - cos ~ 1e-8 on the tiny world); the candidates are
+        # re-ranked by their cosine in float64, so an adapter's own delta ranks it first.
+        m = min(len(self), k + RERANK_EXTRA)
+        _, cand = self.index.search(q, m)  # [nq, m]
+        q64 = np.asarray(queries, dtype=np.float64).reshape(q.shape)
+        q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
+        vecs = self.index.reconstruct_batch(cand.ravel()).astype(np.float64)
+        vecs = vecs.reshape(*cand.shape, self.dim)  # [nq, m, d]
+        vecs /= np.linalg.norm(vecs, axis=2, keepdims=True)
+        exact = np.einsum("qmd,qd->qm", vecs, q64)
+        order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(exact, order, 1), np.take_along_axis(cand, order, 1)
 
     def neighbours(self, query: np.ndarray, k: int) -> list[Hit]:
         """The k nearest indexed adapters to one delta [hidden], best first."""

@@ -1,5 +1,5 @@
 """The ``llgbm`` command line: verify, train, train-delta-only, compute-deltas, world, evaluate,
-experiment, generate, reproduce, visualize.
+experiment, generate, reproduce, visualize; and llgbm-compose's compose, index, retrieve.
 
     llgbm train configs/delta_multi.yaml training.steps=100     # world built if missing
     llgbm evaluate runs/delta_multi
@@ -7,6 +7,8 @@ experiment, generate, reproduce, visualize.
     llgbm generate --run runs/delta_multi --prompts task.jsonl --out adapters/task
     llgbm reproduce runs/delta_multi                            # exit 0 agree, 1 disagree
     llgbm visualize runs/delta_multi                            # PNGs in runs/delta_multi/plots
+    llgbm compose worlds/tiny                                   # runs/compose/tiny/report.md
+    llgbm retrieve --index worlds/tiny/delta_index --prompts p.jsonl --predictor runs/b2 -k 5
 
 Errors print one ``error: ...`` line and exit 2 (``--debug`` shows the traceback); so does a
 failing file system (an unwritable ``runs_dir``). Overrides may come before or after options
@@ -27,6 +29,8 @@ from pathlib import Path
 from llgbm_flora.cli_errors import run_command
 
 DEFAULT_CONFIG = "configs/delta_multi.yaml"
+DELTA_ONLY_CONFIGS = {"b1": "configs/delta_only.yaml", "b2": "configs/delta_retrieve.yaml"}
+COMPOSE_COMMANDS = ("compose", "index", "retrieve")  # mounted from llgbm_compose.cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     _add = sub.add_parser
 
     def add_parser(name, **kw):
-        return _add(name, parents=[common], **kw)
+        return _add(name, **{**kw, "parents": [common, *kw.get("parents", ())]})
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
@@ -57,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 
     for name, helptext in (
         ("train", "train a generator: CONFIG [key=value ...], then evaluate it"),
-        ("train-delta-only", "train with the delta loss only (variant b1)"),
+        (
+            "train-delta-only",
+            "train with the delta only: b1 a generator, b2 a delta predictor + retrieve + merge",
+        ),
     ):
         t = sub.add_parser(name, help=helptext, description=helptext)
         if name == "train":
@@ -65,15 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         else:
             t.add_argument(
                 "--variant",
-                choices=["b1"],
+                choices=sorted(DELTA_ONLY_CONFIGS),
                 default="b1",
-                help="b1: delta loss through the base model + norm penalty + anchor",
+                help="b1: delta loss through the base model + norm penalty + anchor; b2: a "
+                "delta predictor whose adapter merges the training teachers it retrieves",
             )
             t.add_argument(
                 "config",
                 nargs="?",
-                default="configs/delta_only.yaml",
-                help="config (default: %(default)s)",
+                default=None,
+                help="config (default: configs/delta_only.yaml for b1, "
+                "configs/delta_retrieve.yaml for b2)",
             )
         t.add_argument(
             "overrides",
@@ -146,7 +155,23 @@ def _parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_reproduce(sub)
     _add_visualize(sub)
+    from llgbm_compose.cli import add_commands
+
+    add_commands(sub, predictor=_run_predictor)  # compose, index, retrieve (llgbm-compose)
     return p
+
+
+def _run_predictor(args):
+    """``llgbm retrieve --prompts F --predictor RUN``: prompts -> delta from a trained run."""
+    from llgbm_train.predictor import prompt_predictor
+    from llgbm_train.runs import RunError
+
+    if not args.predictor:
+        raise RunError(
+            "retrieve --prompts: name the run that maps prompts to a delta with --predictor RUN "
+            "(a delta_only b2 run, or any generator run)"
+        )
+    return prompt_predictor(args.predictor, progress=not args.no_progress)
 
 
 def _add_generate(sub) -> None:
@@ -239,9 +264,14 @@ def cmd_verify(args) -> int:
     )
     rec = result.last
     print(
-        f"one training step: loss {rec['loss']:.4g}, weight {rec['loss_w']:.4g} "
-        f"(baseline {rec['loss_w_baseline']:.4g}), delta {rec['loss_d']:.4g} "
-        f"(baseline {rec['loss_d_baseline']:.4g}) in {time.perf_counter() - t0:.1f} s"
+        f"one training step: loss {rec['loss']:.4g}, "
+        + (
+            f"weight {rec['loss_w']:.4g} (baseline {rec['loss_w_baseline']:.4g}), "
+            if "loss_w" in rec
+            else ""
+        )
+        + f"delta {rec['loss_d']:.4g} (baseline {rec['loss_d_baseline']:.4g}) in "
+        f"{time.perf_counter() - t0:.1f} s"
     )
     print("ok")
     return 0
@@ -257,6 +287,7 @@ def cmd_train(args) -> int:
 
     overrides = list(args.overrides)
     if args.command == "train-delta-only":
+        args.config = args.config or DELTA_ONLY_CONFIGS[args.variant]
         overrides = [
             "training.objective=delta_only",
             f"training.variant={args.variant}",
@@ -463,6 +494,17 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, _sh
         print(f"warning: {message}", file=sys.stderr)
     else:
         (_show or warnings.showwarning)(message, category, filename, lineno, file, line)
+
+
+def cmd_compose(args) -> int:
+    """``llgbm compose|index|retrieve``: llgbm_compose's commands, mounted as they are."""
+    from llgbm_compose.cli import run
+
+    return run(args)
+
+
+for _name in COMPOSE_COMMANDS:
+    COMMANDS[_name] = cmd_compose
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,7 +186,10 @@ class GeneratorConfig(_Section):
 class TrainingConfig(_Section):
     section: ClassVar[str] = "training"
     objective: Literal["baseline", "delta_multi", "delta_only"] = "delta_multi"  # what is optimised
-    variant: Literal["b1"] = "b1"  # delta_only variant (b1: delta through the base + regularisers)
+    # delta_only variant. b1: a generator trained on the delta through the base + regularisers;
+    # b2: a delta predictor (prompts -> delta), whose adapter is the merge of the training
+    # teachers it retrieves by predicted delta (the retrieval section; llgbm-compose).
+    variant: Literal["b1", "b2"] = "b1"
     steps: int = 200  # optimiser steps
     batch_size: int = 4  # samples (teacher checkpoints) per step, over all processes
     lr: float = 1e-3  # peak learning rate (AdamW)
@@ -231,7 +234,13 @@ class TrainingConfig(_Section):
             _check_range(s, name, getattr(self, name), lo=0)
         for name in ("lambda_kl", "lambda_kl_warmup", "lambda_kl_start"):
             _check_range(s, name, getattr(self, name), lo=0)
-        if self.objective == "delta_only" and self.lambda_d == 0 and self.lambda_kl == 0:
+        b2 = self.objective == "delta_only" and self.variant == "b2"
+        if b2 and (self.delta_target != "paper" or self.lambda_kl > 0):
+            raise ConfigError(
+                f"{s}.variant: b2 predicts the paper's pooled delta and has no adapter to "
+                "score by KL: set training.delta_target=paper and training.lambda_kl=0"
+            )
+        if not b2 and self.objective == "delta_only" and self.lambda_d == 0 and self.lambda_kl == 0:
             raise ConfigError(
                 f"{s}.objective: delta_only needs a behaviour term (lambda_d > 0 or lambda_kl > 0)"
             )
@@ -239,6 +248,30 @@ class TrainingConfig(_Section):
         _check_range(s, "cos_weight", self.cos_weight, lo=0, hi=1)
         if self.delta_scale is not None:
             _check_range(s, "delta_scale", self.delta_scale, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(_Section):
+    """delta_only b2: the delta predictor, and how its adapter is made from the training
+    teachers (a faiss index over their cached deltas; llgbm_compose.retrieve_merge)."""
+
+    section: ClassVar[str] = "retrieval"
+    k: int = 4  # teachers retrieved per task (nearest by cosine to the predicted delta)
+    merge: Literal["average", "ties", "dare"] = "average"  # their merge, in delta-W space
+    weights: Literal["uniform", "score"] = "uniform"  # score: weighted by cosine (sum 1)
+    rank: int | None = None  # rank of the merged adapter (None: exact, no SVD cut)
+    hidden: int = 256  # width of the predictor's MLP
+
+    def validate(self) -> None:
+        for name in ("k", "hidden"):
+            _check_range(self.section, name, getattr(self, name), lo=1)
+        if self.rank is not None:
+            _check_range(self.section, "rank", self.rank, lo=1)
+        if self.weights == "score" and self.merge != "average":
+            raise ConfigError(
+                "retrieval.weights: score weighs an average by cosine; with merge "
+                f"{self.merge} use weights=uniform"
+            )
 
 
 @dataclass(frozen=True)
@@ -264,6 +297,7 @@ SECTIONS: dict[str, type] = {
     "behaviour": BehaviourConfig,
     "generator": GeneratorConfig,
     "training": TrainingConfig,
+    "retrieval": RetrievalConfig,
     "eval": EvalConfig,
 }
 # Outside the hash: fields that name or place a run, and the eval section, which changes how a
@@ -284,13 +318,19 @@ class Config:
     behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def retrieves(self) -> bool:
+        """delta_only b2: a delta predictor whose adapters are retrieved teachers, merged."""
+        return self.training.objective == "delta_only" and self.training.variant == "b2"
 
     @property
     def uses_behaviour(self) -> bool:
         """Whether training needs behaviour targets (the behaviour section)."""
         t = self.training
-        return t.delta_target == "behaviour" or t.lambda_kl > 0
+        return not self.retrieves and (t.delta_target == "behaviour" or t.lambda_kl > 0)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-able dict (tuples become lists)."""
@@ -300,6 +340,8 @@ class Config:
     def hash(self) -> str:
         """sha256 (16 hex) of everything that changes what training computes."""
         d = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED}
+        if not self.retrieves:
+            d.pop("retrieval")  # only b2 reads it: other runs keep the hashes they had
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

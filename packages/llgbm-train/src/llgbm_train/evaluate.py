@@ -15,6 +15,8 @@ For each evaluated task five adapters are scored on the same test items (greedy 
   pooling T2L applies) for the N prompts the generator reads for that task;
 - generated: the generator's adapter from those N prompts (no answers), saved as a PEFT directory
   ``eval/adapters/<task>/`` and scored from that directory, so the table is the saved adapter's.
+  For delta_only b2 it is the merge of the training teachers nearest to the delta predicted from
+  those prompts (``llgbm_train.predictor``); the report names them per task (``retrieved``).
 
 Tasks are grouped as ``seen`` (train tasks, on their unseen test items) and held-out, split by
 generalisation kind (``llgbm_train.generalisation``). Per-item results are kept (``correct``, a
@@ -193,8 +195,15 @@ def oracle_deltas(setup: Setup, tasks: list) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def generate(setup: Setup, generator, task, *, prompts: list[str] | None = None):
-    """The generator's adapter for ``task`` from its condition prompts. -> LoraAdapter (cpu)."""
+    """The generator's adapter for ``task`` from its condition prompts. -> LoraAdapter (cpu).
+
+    A delta predictor (delta_only b2) stands for the merge of the training teachers it
+    retrieves by its predicted delta (``llgbm_train.predictor.retrieve_adapter``)."""
+    from llgbm_train.predictor import is_predictor, retrieve_adapter
+
     prompts = prompts if prompts is not None else condition_prompts(setup, task)
+    if is_predictor(generator):
+        return retrieve_adapter(setup, generator, prompts)[0]
     states, mask = setup.encoder.encode([prompts])  # [1, N, L, D], [1, N, L]
     was = generator.training
     generator.eval()
@@ -208,9 +217,10 @@ def generate(setup: Setup, generator, task, *, prompts: list[str] | None = None)
 @torch.no_grad()
 def condition_embedding(setup: Setup, prompts: list[str]) -> torch.Tensor:
     """Masked mean of the encoder's states over prompts and tokens. -> [D] float32 cpu."""
+    from llgbm_train.predictor import masked_mean
+
     states, mask = setup.encoder.encode([prompts])  # [1, N, L, D], [1, N, L]
-    m = mask[..., None].to(states.dtype)  # [1, N, L, 1]
-    return ((states * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0))[0].float().cpu()
+    return masked_mean(states, mask)[0].float().cpu()
 
 
 def nearest_train_task(setup: Setup, emb: torch.Tensor, train_embs: dict[str, torch.Tensor]):
@@ -424,6 +434,8 @@ def evaluate(
     items = {t.name: scored_items(setup, t) for t in task_list}
     checks = check_data(setup, task_list, conditions, items)
     key = reference_key(setup, task_list, conditions, items)
+    from llgbm_train.predictor import is_predictor, retrieve_adapter
+
     refs = None if references is None else references.get(key)
     n_ref = 0 if refs is not None else sum(3 + (t.split == "heldout") for t in task_list)
     final = None if out_dir is None else Path(out_dir) / EVAL_DIR
@@ -441,7 +453,11 @@ def evaluate(
         oracles = oracle_deltas(setup, task_list)
         per_task = []
         for t in task_list:
-            gen = generate(setup, generator, t, prompts=conditions[t.name])
+            retrieved = None
+            if is_predictor(generator):
+                gen, retrieved = retrieve_adapter(setup, generator, conditions[t.name])
+            else:
+                gen = generate(setup, generator, t, prompts=conditions[t.name])
             path = _adapter_dir(work / "adapters", t.name)
             from llgbm_flora import save_adapter
 
@@ -466,6 +482,7 @@ def evaluate(
                     "teacher": teacher,
                     "nearest": r["nearest"],
                     "methods": {**r["methods"], "generated": generated},
+                    **({} if retrieved is None else {"retrieved": retrieved}),
                 }
             )
         if bar is not None:

@@ -489,6 +489,7 @@ def aggregate(spec: ExperimentSpec, planned: list[PlannedRun], reports: dict, ti
         table[world][label] = {
             "role": role,
             "objective": first.training.objective,
+            "variant": first.training.variant if first.training.objective == "delta_only" else None,
             "overrides": list(spec.ablations.variants.get(label, []) if role == "ablation" else []),
             "seeds": [r.seed for r in runs],
             "runs": [str(r.dir) for r in runs],

@@ -81,7 +81,8 @@ def _world_table(world: str, labels: dict[str, dict]) -> list[str]:
             _cos((g.get(x, {}).get("generated") or {}).get("delta_cos"))
             for x in ("heldout", "seen")
         ]
-        lines.append(f"| generated: **{label}** | " + " | ".join(cells + cos) + " |")
+        how = " (b2: retrieved teachers, merged)" if e.get("variant") == "b2" else ""
+        lines.append(f"| generated: **{label}**{how} | " + " | ".join(cells + cos) + " |")
     return lines
 
 

@@ -1,4 +1,4 @@
-"""The trainer: baseline (weights), delta_multi (weights + scheduled delta), delta_only b1.
+"""The trainer: baseline (weights), delta_multi (weights + scheduled delta), delta_only b1/b2.
 
     result = train(load_config("configs/delta_multi.yaml"), run_dir=Path("runs/delta_multi"))
 
@@ -19,6 +19,9 @@ Objectives (per step, on the rank's rows):
   teacher norm, per (layer, module)) forbids the large-norm solutions; a small weight anchor
   (lambda_w, e.g. 0.05) picks, among updates with the right delta, the one near the teacher
   and fixes the gauge. Both are logged next to their trivial baselines.
+- delta_only (b2): L = L_delta(predictor(prompts), teacher delta): a DeltaPredictor instead of a
+  generator (llgbm_train.predictor), nothing through the base; its adapter for a task is the
+  merge of the training teachers nearest to the predicted delta (evaluation does that).
 
 L_delta is the paper's pooled delta (``training.delta_target: paper``) or the per-position,
 per-layer deltas of the behaviour targets (``behaviour``); L_kl is the forward KL from the
@@ -75,6 +78,7 @@ class Setup:
     # the config uses them.
     behaviour: dict[str, torch.Tensor] | None = None
     behaviour_scale: torch.Tensor | None = None
+    index: Any = None  # b2: the retrieval index over the training samples (llgbm_train.predictor)
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -124,8 +128,10 @@ def build_model_parts(
     cache_dir: Path | None,
     *,
     base_path: Path | str | None = None,
+    delta_dim: int | None = None,
 ):
-    """Encoder, weight tokenizer (fit on ``teachers``) and a freshly initialised generator.
+    """Encoder, weight tokenizer (fit on ``teachers``) and a freshly initialised generator (for
+    delta_only b2: a DeltaPredictor of ``delta_dim`` outputs instead).
 
     ``base_path``: the world's base model, read by the ``base`` encoder unless its options name
     another ``model_path``.
@@ -153,6 +159,15 @@ def build_model_parts(
         raise TrainingError("generator.encoder_options: a trainable encoder is not supported")
     wt = WeightTokenizer(spec, slab_width=g.slab_width).fit(teachers)
     torch.manual_seed(cfg.training.seed)
+    if cfg.retrieves:
+        from llgbm_train.predictor import DeltaPredictor
+
+        if delta_dim is None:
+            raise TrainingError("delta_only b2: the predictor needs the deltas' width")
+        predictor = DeltaPredictor(
+            cond_dim=encoder.dim, delta_dim=delta_dim, hidden=cfg.retrieval.hidden
+        )
+        return encoder, wt, predictor.to(device)
     try:
         generator = build_generator(
             g.kind,
@@ -197,6 +212,7 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
         device,
         D.encoder_cache_dir(cfg),
         base_path=world.base_path,
+        delta_dim=int(data.deltas.shape[1]),
     )
     fit_condition(cfg, generator, encoder, data.prompts, device)
     meta = {
@@ -535,81 +551,91 @@ def train(
         mask = mask.to(setup.device)
         if tc.cond_noise > 0:
             states = states + tc.cond_noise * torch.randn(states.shape, generator=noise).to(states)
-        target = algebra.take(teachers, local)
         lam_d, lam_kl = loss_weight(tc, "d", step), loss_weight(tc, "kl", step)
-        with autocast(cfg, setup.device):
-            pred = ddp_gen(states, mask)  # LoraBatch [b]
-        pred = pred.to(dtype=torch.float32)
-        lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
-        need_grad = tc.objective != "baseline"
-        lkl = None
-        with (
-            contextlib.nullcontext() if need_grad else torch.no_grad(),
-            autocast(cfg, setup.device),
-        ):
-            if tc.delta_target == "paper":
-                from llgbm_delta import delta_for_lora
+        if cfg.retrieves:
+            # b2: the predictor's delta against the teacher's; nothing runs through the base.
+            with autocast(cfg, setup.device):
+                pd = ddp_gen(states, mask)  # [b, hidden], delta-scale units
+            ld = delta_loss(pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight)
+            terms = {"loss_d": ld}
+            loss = ld.value
+        else:
+            target = algebra.take(teachers, local)
+            with autocast(cfg, setup.device):
+                pred = ddp_gen(states, mask)  # LoraBatch [b]
+            pred = pred.to(dtype=torch.float32)
+            lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
+            need_grad = tc.objective != "baseline"
+            lkl = None
+            with (
+                contextlib.nullcontext() if need_grad else torch.no_grad(),
+                autocast(cfg, setup.device),
+            ):
+                if tc.delta_target == "paper":
+                    from llgbm_delta import delta_for_lora
 
-                pd = (
-                    delta_for_lora(
+                    pd = (
+                        delta_for_lora(
+                            setup.model,
+                            setup.tokenizer,
+                            pred,
+                            setup.probes,
+                            setup.delta_spec,
+                            base=base_act,
+                            adapter_chunk_size=cfg.model.adapter_chunk_size,
+                            gradient_checkpointing=cfg.model.gradient_checkpointing,
+                        )
+                        / setup.delta_scale
+                    )  # [b, hidden]
+                if setup.behaviour is not None:
+                    from llgbm_delta.behaviour import behaviour_forward
+
+                    seqs, bt = behaviour_rows(setup, local, probe_pick)
+                    out = behaviour_forward(
                         setup.model,
-                        setup.tokenizer,
+                        seqs,
+                        cfg.behaviour.layers,
                         pred,
-                        setup.probes,
-                        setup.delta_spec,
-                        base=base_act,
+                        logits="logprobs" in bt,
                         adapter_chunk_size=cfg.model.adapter_chunk_size,
                         gradient_checkpointing=cfg.model.gradient_checkpointing,
-                    )
-                    / setup.delta_scale
-                )  # [b, hidden]
-            if setup.behaviour is not None:
-                from llgbm_delta.behaviour import behaviour_forward
-
-                seqs, bt = behaviour_rows(setup, local, probe_pick)
-                out = behaviour_forward(
-                    setup.model,
-                    seqs,
-                    cfg.behaviour.layers,
-                    pred,
-                    logits="logprobs" in bt,
-                    adapter_chunk_size=cfg.model.adapter_chunk_size,
-                    gradient_checkpointing=cfg.model.gradient_checkpointing,
-                )  # hidden [b*P, K, L, H], logits [b*P, K, V]
-        if tc.delta_target == "paper":
-            ld = delta_loss(pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight)
-        else:
-            ld = behaviour_delta_loss(
-                out.hidden,
-                bt["base_hidden"],
-                bt["delta"],
-                seqs.select_mask,
-                setup.behaviour_scale,
-                kind=tc.delta_loss,
-                cos_weight=tc.cos_weight,
-            )
-        if setup.behaviour is not None and out.logits is not None:
-            lkl = kl_loss(
-                out.logits,
-                bt["logprobs"],
-                seqs.select_mask,
-                top_ids=bt.get("top_ids"),
-                base_kl=bt.get("base_kl"),
-            )
-        terms = {"loss_w": lw, "loss_d": ld}
-        if lkl is not None:
-            terms["loss_kl"] = lkl
-        behaviour_term = lam_d * ld.value
-        if lkl is not None and tc.lambda_kl > 0:
-            behaviour_term = behaviour_term + lam_kl * lkl.value
-        if tc.objective == "baseline":
-            loss = lw.value
-        elif tc.objective == "delta_multi":
-            loss = tc.lambda_w * lw.value + behaviour_term
-        else:
-            ln, ln_base = norm_penalty(pred, target)
-            terms["loss_norm"] = type(lw)(ln, ln_base)
-            loss = behaviour_term + tc.norm_penalty * ln + tc.lambda_w * lw.value
+                    )  # hidden [b*P, K, L, H], logits [b*P, K, V]
+            if tc.delta_target == "paper":
+                ld = delta_loss(
+                    pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight
+                )
+            else:
+                ld = behaviour_delta_loss(
+                    out.hidden,
+                    bt["base_hidden"],
+                    bt["delta"],
+                    seqs.select_mask,
+                    setup.behaviour_scale,
+                    kind=tc.delta_loss,
+                    cos_weight=tc.cos_weight,
+                )
+            if setup.behaviour is not None and out.logits is not None:
+                lkl = kl_loss(
+                    out.logits,
+                    bt["logprobs"],
+                    seqs.select_mask,
+                    top_ids=bt.get("top_ids"),
+                    base_kl=bt.get("base_kl"),
+                )
+            terms = {"loss_w": lw, "loss_d": ld}
+            if lkl is not None:
+                terms["loss_kl"] = lkl
+            behaviour_term = lam_d * ld.value
+            if lkl is not None and tc.lambda_kl > 0:
+                behaviour_term = behaviour_term + lam_kl * lkl.value
+            if tc.objective == "baseline":
+                loss = lw.value
+            elif tc.objective == "delta_multi":
+                loss = tc.lambda_w * lw.value + behaviour_term
+            else:
+                ln, ln_base = norm_penalty(pred, target)
+                terms["loss_norm"] = type(lw)(ln, ln_base)
+                loss = behaviour_term + tc.norm_penalty * ln + tc.lambda_w * lw.value
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         params = [p for p in ddp_gen.parameters() if p.grad is not None]
@@ -655,8 +681,12 @@ def train(
             bar.update(1)
             bar.set_postfix(
                 loss=f"{vals[0]:.4g}",
-                w=f"{rec['loss_w']:.3g}/{rec['loss_w_baseline']:.3g}",
                 d=f"{rec['loss_d']:.3g}/{rec['loss_d_baseline']:.3g}",
+                **(
+                    {"w": f"{rec['loss_w']:.3g}/{rec['loss_w_baseline']:.3g}"}
+                    if "loss_w" in rec
+                    else {}
+                ),
                 **(
                     {"kl": f"{rec['loss_kl']:.3g}/{rec['loss_kl_baseline']:.3g}"}
                     if "loss_kl" in rec
