@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # explorer_fixture.py, browser.py
 
-from explorer_fixture import Demo, build_demo, demo_args
+from explorer_fixture import Demo, build_demo, compose, demo_args
 from llgbm_explorer.folders import Folders
 
 
@@ -24,3 +24,9 @@ def demo(tmp_path_factory) -> Demo:
 @pytest.fixture
 def demo_folders(demo, tmp_path) -> Folders:
     return Folders.from_args([*demo_args(demo), "--results", str(tmp_path / "results.md")])
+
+
+@pytest.fixture(scope="session")
+def composed(demo, tmp_path_factory):
+    """A real compose report of the demo world: RUNS/compose/<world name>/report.json."""
+    return compose(demo.world, tmp_path_factory.mktemp("composed") / "runs")

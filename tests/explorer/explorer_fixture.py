@@ -4,8 +4,9 @@
 
 Uses the worlds package's cached ``test``-preset world and the training tests' fast config
 (``tests/train/train_world.small_config``); trains two objectives through the ``llgbm`` CLI, as
-a user would, and adds the generated adapters' deltas to the delta cache with ``llgbm-delta
-compute``.
+a user would, and nothing else: ``llgbm train`` fills the delta cache with the teachers' deltas
+and its evaluation writes the generated adapters' (``eval/deltas.safetensors``).
+``compose(world, out)`` adds a real ``python -m llgbm_compose compose`` report.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ class Demo:
 
 def build_demo(out: Path, world: Path | None = None) -> Demo:
     """Train the two runs of RUNS on ``world`` (default: the cached test world) into ``out``."""
-    from llgbm_delta.cli import main as delta_main
     from llgbm_train.cli import main as llgbm
     from llgbm_train.config import save_config
     from llgbm_worlds.testing import test_world
@@ -52,11 +52,22 @@ def build_demo(out: Path, world: Path | None = None) -> Demo:
         )
         if llgbm(["train", str(path)]) != 0:
             raise RuntimeError(f"llgbm train {path} failed")
-        adapters = runs / name / "eval" / "adapters"
-        argv = ["compute", "--base", str(world / "base"), "--adapters", str(adapters)]
-        if delta_main([*argv, "--cache", str(cache), "--no-progress"]) != 0:
-            raise RuntimeError(f"llgbm-delta compute {adapters} failed")
     return Demo(world=world, runs=runs, cache=cache)
+
+
+def compose(world: Path, runs: Path) -> Path:
+    """``python -m llgbm_compose compose WORLD`` (small settings) into RUNS/compose/<world name>/.
+
+    Returns the report file. Its retrieval step writes WORLD/delta_index/, as it does for a user.
+    """
+    from llgbm_compose.cli import main as compose_main
+
+    out = Path(runs) / "compose" / Path(world).name
+    if not (out / "report.json").is_file():
+        argv = ["compose", str(world), "--out", str(out), "--max-items", "2", "--dare-seeds", "0"]
+        if compose_main([*argv, "--threads", "1", "--no-progress"]) != 0:
+            raise RuntimeError(f"llgbm_compose compose {world} failed")
+    return out / "report.json"
 
 
 def demo_args(demo: Demo) -> list[str]:
@@ -78,5 +89,8 @@ def open_app(folders, page: str | None = None):
 
 
 if __name__ == "__main__":
+    # python tests/explorer/explorer_fixture.py OUT [--compose]: the demo (+ a compose report)
     demo = build_demo(Path(sys.argv[1]))
+    if "--compose" in sys.argv[2:]:
+        compose(demo.world, demo.runs)
     print(f"--world {demo.world} --delta-cache {demo.cache} --runs {demo.runs}")

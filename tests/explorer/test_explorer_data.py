@@ -70,16 +70,23 @@ def test_a_damaged_run_is_named_not_fatal(demo, tmp_path):
 
 
 def test_deltas_join_teachers_and_generated_adapters(demo, world, runs):
+    """Teachers from the cache, generated adapters from each run's eval/deltas.safetensors."""
     from llgbm_delta import DeltaCache
 
     table = data.read_deltas(world, demo.cache, runs)
     cache = DeltaCache(demo.cache)
     assert len(table.meta) == len(table.deltas) > 0
-    for i, key in enumerate(table.meta["key"]):
-        assert np.array_equal(table.deltas[i], cache.get(key))  # row i is entry key i
+    by_run = {r.name: r for r in runs}
+    for i, row in table.meta.iterrows():
+        if row["source"] == "generated":
+            want = by_run[row["run"]].deltas[row["task"]]
+        else:
+            want = cache.get(row["key"])  # row i is entry key i
+        assert np.array_equal(table.deltas[i], want)
     gen = table.meta[table.meta["source"] == "generated"]
     expected = {(r.name, t) for r in runs for t in r.adapters}
-    assert set(zip(gen["run"], gen["task"])) == expected
+    assert len(expected) > 0 and set(zip(gen["run"], gen["task"])) == expected
+    assert table.other_view == [] and table.problems == []
     # Training and evaluation cached every train teacher: the map holds them all.
     train = world.teachers[
         (world.teachers["source"] == "teacher") & (world.teachers["split"] == "train")
@@ -122,3 +129,47 @@ def test_a_cache_of_another_view_is_offered_separately(demo, world, runs, tmp_pa
         world, cache, runs, view=[v.probe_name for v in table.views].index("other")
     )
     assert len(other.meta) == 1 and np.all(other.deltas == 1)
+
+
+def test_a_run_without_its_deltas_file_is_joined_through_the_cache(demo, world, tmp_path):
+    """An older run (no eval/deltas.safetensors): llgbm-delta compute puts its adapters in the
+    cache, and the map joins those entries by path."""
+    from llgbm_delta.cli import main as delta_main
+
+    runs = tmp_path / "runs"
+    shutil.copytree(demo.runs / "t", runs / "t", ignore=shutil.ignore_patterns("checkpoints"))
+    (runs / "t" / "eval" / data.GENERATED_DELTAS).unlink()
+    cache = tmp_path / "cache"
+    shutil.copytree(demo.cache, cache)
+    found, _ = data.read_runs(runs)
+    assert found[0].deltas == {}
+    assert data.read_deltas(world, cache, found).n_generated == 0
+    adapters = runs / "t" / "eval" / "adapters"
+    argv = ["compute", "--base", str(world.root / "base"), "--adapters", str(adapters)]
+    assert delta_main([*argv, "--cache", str(cache), "--no-progress"]) == 0
+    table = data.read_deltas(world, cache, found)
+    assert table.n_generated == len(found[0].adapters) > 0
+    # The same adapters' deltas as the run's own file holds (llgbm evaluate computed those).
+    own = {r.name: r for r in data.read_runs(demo.runs)[0]}["t"].deltas
+    gen = table.meta[table.meta["source"] == "generated"]
+    for i, task in zip(gen.index, gen["task"]):
+        np.testing.assert_allclose(table.deltas[i], own[task], rtol=1e-4, atol=1e-5)
+
+
+def test_generated_deltas_of_another_view_or_damaged_are_named(demo, world, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(demo.runs / "t", runs / "t", ignore=shutil.ignore_patterns("checkpoints"))
+    path = runs / "t" / "eval" / data.GENERATED_DELTAS
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(path), "np") as f:
+        header = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**header, "probe_hash": "0" * 64})
+    found, _ = data.read_runs(runs)
+    table = data.read_deltas(world, demo.cache, found)
+    assert table.n_generated == 0 and table.other_view == ["t"]
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    found, _ = data.read_runs(runs)
+    assert found[0].deltas == {}
+    assert any("deltas.safetensors: unreadable" in p for p in found[0].problems)

@@ -18,56 +18,11 @@ PAGES = [name for name, _, _ in llgbm_explorer.PAGES]
 CHARTS = {"delta_map": 1, "similarity": 1, "clusters": 1, "retrieval": 1, "runs": 4}
 
 
-def compose_report(world) -> dict:
-    """A report in llgbm-compose's layout (branch i14's run_compose), small numbers."""
-    acc = lambda a: {"accuracy": a, "ci95": [max(0.0, a - 0.1), min(1.0, a + 0.1)]}  # noqa: E731
-    return {
-        "world": str(world),
-        "kind": "tiny",
-        "preset": "test",
-        "clustering": {
-            "n_teachers": 16,
-            "silhouette": {
-                "delta": {"family": 0.41, "task": 0.2},
-                "weights": {"family": -0.02, "task": -0.05},
-                "delta_w": {"family": 0.3, "task": 0.1},
-            },
-        },
-        "additivity": {
-            "mixtures": [],
-            "summary": {
-                "n": 1,
-                "delta": {
-                    t: {"cos": c, "rel_err": 1 - c}
-                    for t, c in (("sum", 0.8), ("mean", 0.8), ("a", 0.5), ("b", 0.4), ("fit", 0.85))
-                },
-                "delta_w": {
-                    t: {"cos": c, "rel_err": 1 - c}
-                    for t, c in (("sum", 0.7), ("mean", 0.7), ("a", 0.4), ("b", 0.4), ("fit", 0.75))
-                },
-                "merged": {"rank8_sum_vs_sum_of_deltas": {"cos": 0.9, "rel_err": 0.2}},
-            },
-        },
-        "retrieval": {
-            "kind": "flat",
-            "n": 16,
-            "task_p@1": 0.75,
-            "family_p@1": 1.0,
-            "self_rank1": 16,
-        },
-        "merges": {
-            "mixtures": [
-                {
-                    "task": "code_alpha+prefix_red",
-                    "parts": ["code_alpha", "prefix_red"],
-                    "scores": {
-                        n: {"a": acc(x), "b": acc(x / 2), "mix": acc(x / 3)}
-                        for n, x in (("teacher_a", 0.9), ("ties", 0.6), ("average", 0.5))
-                    },
-                }
-            ]
-        },
-    }
+def chart(at, i: int = 0):
+    """The i-th Plotly chart as a plotly Figure (x and y stay base64 typed arrays)."""
+    import plotly.io as pio
+
+    return pio.from_json(at.get("plotly_chart")[i].proto.spec)
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -76,30 +31,79 @@ def test_every_page_draws_on_the_demo(demo_folders, page):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) >= CHARTS.get(page, 0)
-    if page == "composition":
-        assert "llgbm compose" in at.info[0].value
+    if page == "composition":  # no compose report yet: the command that writes one
+        assert "uv run llgbm compose" in at.info[0].value
 
 
-def test_composition_reads_the_compose_report(demo, demo_folders, tmp_path):
+def test_right_after_llgbm_train_the_map_shows_generated_adapters(demo, demo_folders):
+    """The demo is `llgbm train` twice and nothing else: generated points are on the map."""
+    from llgbm_explorer import data
+
+    at = open_app(demo_folders)
+    fig = chart(at)
+    marks = {t.name.split(", ", 1)[-1] for t in fig.data}
+    assert any(m.startswith("generated") for m in marks), marks
+    assert any(m.startswith("teacher") for m in marks), marks
+    runs, _ = data.read_runs(demo.runs)
+    n_generated = sum(len(r.adapters) for r in runs)
+    gen = [t for t in fig.data if "generated" in t.name]
+    assert sum(len(t.customdata) for t in gen) == n_generated > 0  # one row per point
+    # Hover shows the adapter, its task and its accuracy (customdata holds them per point).
+    hover = fig.data[0].hovertemplate
+    assert all(f"{c}=" in hover for c in ("adapter", "task", "accuracy"))
+    names = {str(c[0]) for t in gen for c in t.customdata}
+    assert names == {f"{r.name}/eval/adapters/{task}" for r in runs for task in r.adapters}
+    at.radio[0].set_value("t-SNE").run()
+    assert not at.exception and "t-SNE" in chart(at).layout.xaxis.title.text
+
+
+def test_composition_reads_a_real_compose_report(composed, demo_folders):
+    """`python -m llgbm_compose compose` on the demo world: every section drawn, none missing."""
     import dataclasses
 
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    (runs / "compose" / "tiny").mkdir(parents=True)
-    (runs / "compose" / "tiny" / "report.json").write_text(json.dumps(compose_report(demo.world)))
+    runs = composed.parents[2]
     f = dataclasses.replace(demo_folders, runs=runs, roots=(*demo_folders.roots, runs))
     at = open_app(f, "composition")
     assert not at.exception and not at.error
+    assert not [c.value for c in at.caption if "not in this report" in c.value]
     assert len(at.get("plotly_chart")) == 2  # additivity and merges
+    report = json.loads(composed.read_text())
     frames = [d.value for d in at.dataframe]
-    assert any("ties" in set(df.get("adapter", [])) for df in frames)
+    pooled = next(df for df in frames if "same-task merges" in df.columns)
+    best = report["merges"]["summary"]["same_task"]["best_teacher"]
+    assert pooled.set_index("adapter").loc["best_teacher", "same-task merges"] == 100 * best
+    add = next(df for df in frames if "target" in df.columns)
+    cos = report["additivity"]["summary"]["delta"]["sum"]["cos"]
+    row = add[(add["space"] == "delta") & (add["target"] == "d(a) + d(b)")]
+    assert row["cos"].item() == pytest.approx(cos, abs=1e-3)
     # The cluster page shows the report's weight and delta-W baselines for this world.
-    at = open_app(dataclasses.replace(f, runs=runs), "clusters")
+    at = open_app(f, "clusters")
     assert not at.exception, [e.value for e in at.exception]
     frames = [d.value for d in at.dataframe]
     assert any(
         list(df.get("representation", [])) == ["delta", "weights", "delta_w"] for df in frames
     )
+
+
+def test_a_report_without_some_sections_names_them(demo, demo_folders, tmp_path):
+    import dataclasses
+
+    runs = tmp_path / "runs"
+    (runs / "compose").mkdir(parents=True)
+    clustering = {"silhouette": {"delta": {"family": 0.4, "task": 0.2}}}
+    report = {"world": str(demo.world), "clustering": clustering}
+    (runs / "compose" / "old.json").write_text(json.dumps(report))
+    f = dataclasses.replace(demo_folders, runs=runs, roots=(*demo_folders.roots, runs))
+    at = open_app(f, "composition")
+    assert not at.exception and not at.error
+    missing = [c.value for c in at.caption if "not in this report" in c.value]
+    assert [m.split(":")[0] for m in missing] == [
+        "additivity",
+        "pooled merges",
+        "merges",
+        "retrieval",
+    ]
+    assert any("representation" in d.value.columns for d in at.dataframe)
 
 
 def test_weight_baseline_button_scores_flattened_weights(demo_folders):
@@ -145,7 +149,30 @@ def test_missing_folders_give_messages_not_tracebacks(tmp_path):
         assert text, page
         if page in ("delta_map", "similarity", "clusters", "retrieval"):
             assert "llgbm world build tiny" in text, page
-    # An empty world folder with a world but an empty cache: the cache message.
+
+
+def test_a_world_without_deltas_or_runs_says_what_to_run(demo, tmp_path):
+    """A built world whose cache is empty, and no runs: each page says what to run next."""
+    f = Folders.from_args(
+        ["--world", str(demo.world), "--delta-cache", "cache", "--runs", "runs"], cwd=tmp_path
+    )
+    (tmp_path / "cache").mkdir()
+    for page in PAGES:
+        at = open_app(f, page)
+        assert not at.exception and not at.error, page
+        text = " ".join(i.value for i in at.info)
+        want = {
+            "runs": "just train delta_multi",
+            "composition": "llgbm compose",
+        }.get(page, "just compute-deltas --world")
+        assert want in text, (page, text)
+
+
+def test_teachers_only_the_map_says_how_to_add_generated_adapters(demo, tmp_path):
+    f = Folders.from_args([*demo_args(demo), "--runs", str(tmp_path / "none")], cwd=tmp_path)
+    at = open_app(f)
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+    assert "just train delta_multi" in " ".join(c.value for c in at.caption)
 
 
 def test_a_typed_path_outside_the_roots_is_refused(demo_folders, tmp_path):
@@ -183,33 +210,12 @@ def page_in_subprocess(args: list[str], page: str) -> str:
     return run_isolated(PAGE_IN_SUBPROCESS.format(app=APP, args=args, switch=switch))
 
 
-@pytest.mark.parametrize(
-    "page",
-    [
-        "runs",
-        "composition",
-    ],
-)
-def test_pages_without_deltas_do_not_import_torch(demo, page):
-    out = page_in_subprocess(demo_args(demo), page)
-    assert "torch False" in out
-
-
-def test_the_delta_map_does_not_import_torch(demo):
-    out = page_in_subprocess(demo_args(demo), "delta_map")
-    assert "plots 1" in out and "torch False" in out
-
-
-def test_a_warm_delta_map_redraw_is_fast(demo_folders):
-    """After the first visit the loaders are cached: a redraw reads and computes nothing."""
-    import time
-
-    at = open_app(demo_folders)
-    at.run()  # the second visit fills the projection cache for this selection
-    t0 = time.perf_counter()
-    at.run()
-    assert time.perf_counter() - t0 < 2.0
-    assert len(at.get("plotly_chart")) == 1
+@pytest.mark.parametrize("page", PAGES)
+def test_drawing_a_page_does_not_import_torch(demo, page):
+    """Only generating from prompts (retrieval, on a button) needs torch."""
+    out = page_in_subprocess(demo_args(demo), page).split()
+    assert int(out[out.index("plots") + 1]) >= CHARTS.get(page, 0), out
+    assert out[out.index("torch") + 1] == "False"
 
 
 def test_prompts_through_a_run_whose_world_is_gone_say_so(demo, demo_folders, tmp_path):

@@ -348,6 +348,32 @@ def test_table_equals_plain_peft_rescore_of_the_saved_adapters(test_world_dir, t
     assert again["summary"]["heldout"]["generated"]["accuracy"] > 0
 
 
+def test_generated_deltas_are_saved_beside_the_adapters(trained):
+    """eval/deltas.safetensors holds each saved adapter's delta, as llgbm-delta computes it."""
+    from llgbm_delta import compute_deltas
+    from safetensors import safe_open
+
+    cfg, report = trained
+    setup = prepare(cfg, progress=False)
+    run = Path(cfg.runs_dir) / "r"
+    with safe_open(str(run / "eval" / E.GENERATED_DELTAS), "np") as f:
+        meta = f.metadata()
+        saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    assert meta["format"] == E.GENERATED_DELTAS_FORMAT
+    assert (meta["probe_hash"], meta["spec_hash"]) == (setup.probes.hash, setup.delta_spec.hash)
+    tasks = [row["task"] for row in report["per_task"]]
+    assert sorted(saved) == sorted(tasks)
+    paths = [str(run / "eval" / "adapters" / t) for t in tasks]
+    again = compute_deltas(
+        (setup.model, setup.tokenizer), paths, setup.probes, None, spec=setup.delta_spec,
+        progress=False,
+    )  # fmt: skip
+    for i, t in enumerate(tasks):
+        assert saved[t].shape == (setup.base_act.shape[0],)
+        np.testing.assert_allclose(saved[t], np.asarray(again[i]), rtol=1e-4, atol=1e-5)
+    assert len({saved[t].tobytes() for t in tasks}) > 1  # one per task, not one copied
+
+
 def test_nearest_teacher_is_the_train_task_with_the_closest_condition(trained):
     cfg, report = trained
     setup = prepare(cfg, progress=False)
@@ -426,8 +452,11 @@ def test_evaluate_names_its_checkpoint_and_replaces_eval_whole(
     assert "checkpoint step 4 of 4" in capsys.readouterr().out
     after = snapshot()
     assert after.keys() == before.keys()
-    changed = [k for k in after if k.endswith(".safetensors") and after[k] != before[k]]
+    changed = [
+        k for k in after if k.endswith("adapter_model.safetensors") and after[k] != before[k]
+    ]
     assert len(changed) == len(report["per_task"])
+    assert after["eval/deltas.safetensors"] != before["eval/deltas.safetensors"]
     # A directory the tool did not write is refused, not replaced.
     shutil.rmtree(run / "eval")
     (run / "eval").mkdir()

@@ -6,8 +6,8 @@
 
 Every reader goes through the owning package's public API (``llgbm_worlds.World``,
 ``llgbm_delta.DeltaCache``, ``llgbm_train.runs.Run``) and turns its errors into one-line
-``ExplorerError``s. Nothing here computes a delta or loads a model; the ``cached_*`` wrappers in
-``cached.py`` keep results per file stamp, so a page redraw reads nothing again.
+``ExplorerError``s. Nothing here computes a delta or loads a model; the ``st.cache_data``
+loaders in ``ui.py`` keep results per file stamp, so a page redraw reads nothing again.
 """
 
 from __future__ import annotations
@@ -123,6 +123,8 @@ class RunView:
     reports: dict[str, dict]  # eval/<stem>.json by stem ("report", "report-all", ...)
     adapters: dict[str, Path]  # generated PEFT adapter dir by task
     problems: list[str] = field(default_factory=list)  # one line each (unreadable parts)
+    deltas: dict[str, np.ndarray] = field(default_factory=dict)  # generated delta [hidden] by task
+    deltas_header: dict[str, str] = field(default_factory=dict)  # probe_hash, spec_hash, ...
 
     @property
     def objective(self) -> str:
@@ -173,9 +175,53 @@ def read_run(path: Path) -> RunView:
             for p in sorted(adir.iterdir())
             if (p / "adapter_config.json").is_file()
         }
+    deltas, header = read_generated_deltas(path / "eval" / GENERATED_DELTAS, problems)
     return RunView(
-        path.name, path.resolve(), config, metadata, metrics, reports, adapters, problems
+        path.name,
+        path.resolve(),
+        config,
+        metadata,
+        metrics,
+        reports,
+        adapters,
+        problems,
+        deltas,
+        header,
     )
+
+
+GENERATED_DELTAS = "deltas.safetensors"  # llgbm_train.evaluate.GENERATED_DELTAS, in eval/
+GENERATED_DELTAS_FORMAT = "llgbm-generated-deltas/1"
+
+
+def read_generated_deltas(
+    path: Path, problems: list[str]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(task -> delta [hidden], header) of the run's ``eval/deltas.safetensors``, if any.
+
+    ``llgbm evaluate`` writes it (each generated adapter's delta, the probe set and delta spec in
+    the header). Read with safetensors' numpy loader: no torch. A damaged file adds a line to
+    ``problems`` and reads as absent.
+    """
+    if not path.is_file():
+        return {}, {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            header = dict(f.metadata() or {})
+            deltas = {k: np.asarray(f.get_tensor(k), np.float32).reshape(-1) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as e:
+        problems.append(f"{path}: unreadable ({type(e).__name__}); `llgbm evaluate` rewrites it")
+        return {}, {}
+    if header.get("format") != GENERATED_DELTAS_FORMAT or not {"probe_hash", "spec_hash"} <= set(
+        header
+    ):
+        problems.append(
+            f"{path}: not an llgbm generated-deltas file (format {header.get('format')})"
+        )
+        return {}, {}
+    return deltas, header
 
 
 def read_runs(runs_dir: Path) -> tuple[list[RunView], list[tuple[str, str]]]:
@@ -281,7 +327,8 @@ class DeltaTable:
     views: list[DeltaView]  # every view the cache holds (the chosen one included)
     missing: list[str]  # world teachers with no delta in this view
     unmatched: int  # entries of this view that belong to no teacher or run adapter
-    problems: list[str]  # damaged cache entries (moved aside by llgbm-delta)
+    problems: list[str]  # damaged cache entries (moved aside by llgbm-delta), bad run deltas
+    other_view: list[str] = field(default_factory=list)  # runs whose deltas are of another view
 
     @property
     def n_generated(self) -> int:
@@ -302,9 +349,11 @@ def read_deltas(
     """Teacher and generated deltas of ``world`` from the cache at ``cache_dir``.
 
     Cache entries name the adapter they were computed for (``adapter_name``: its path). An entry
-    joins a world teacher when that path is the teacher's directory, and a run's generated
-    adapter when it is ``runs/<name>/eval/adapters/<task>``. ``view`` picks a (probes, spec) slice
-    by index into ``views``; default: the one holding the most teachers.
+    joins a world teacher when that path is the teacher's directory. A run's generated adapters
+    come from its ``eval/deltas.safetensors`` (written by ``llgbm evaluate``) when their probes
+    and spec are the view's; for a run without that file, from a cache entry whose path is
+    ``runs/<name>/eval/adapters/<task>``. ``view`` picks a (probes, spec) slice by index into
+    ``views``; default: the one holding the most teachers.
     """
     from llgbm_delta import CacheError, DeltaCache
 
@@ -319,26 +368,10 @@ def read_deltas(
         raise ExplorerError(no_cache_message(cache_dir, world.root))
 
     rows_by_path: dict[str, dict] = {r["path"]: r for r in world.teachers.to_dict("records")}
-    for run in runs:
-        acc = generated_accuracy(run)
-        for task, path in run.adapters.items():
-            t = world.tasks[world.tasks["name"] == task]
-            if t.empty:  # a run of another world
-                continue
-            t = t.iloc[0]
-            rows_by_path[str(path)] = {
-                "adapter": f"{run.name}/eval/adapters/{task}",
-                "source": "generated",
-                "task": task,
-                "family": t["family"],
-                "split": t["split"],
-                "heldout_kind": t["heldout_kind"],
-                "accuracy": acc.get(task, float("nan")),
-                "step": int(run.metrics["step"].max()) if "step" in run.metrics else 0,
-                "data_split": 0,
-                "run": run.name,
-                "path": str(path),
-            }
+    generated = generated_rows(world, runs)  # (run, row) of every generated adapter
+    for run, row in generated:
+        if not run.deltas:  # without the run's own deltas file, a cache entry may hold it
+            rows_by_path[row["path"]] = row
 
     views: list[DeltaView] = []
     joined: dict[DeltaView, list[tuple[dict, str]]] = {}
@@ -376,6 +409,24 @@ def read_deltas(
             deltas.append(d)
             rows.append({**{c: row[c] for c in TEACHER_COLUMNS}, "key": key})
     hidden = int(entries[0].hidden_size)
+    problems = [f"cache entry {k[:12]}: {why}" for k, why in cache.problems]
+    other_view: list[str] = []
+    for run, row in generated:
+        d = run.deltas.get(row["task"])
+        if d is None:
+            continue
+        h = run.deltas_header
+        if (h["probe_hash"], h["spec_hash"]) != (chosen.probe_hash, chosen.spec_hash):
+            if run.name not in other_view:
+                other_view.append(run.name)
+            continue
+        if d.shape != (hidden,):
+            problems.append(
+                f"{run.name}: generated delta of {row['task']} is {d.shape}, not [{hidden}]"
+            )
+            continue
+        deltas.append(d)
+        rows.append({**{c: row[c] for c in TEACHER_COLUMNS}, "key": f"{run.name}/{row['task']}"})
     meta = pd.DataFrame(rows, columns=[*TEACHER_COLUMNS, "key"])
     rank = meta["source"].map({"teacher": 0, "mixture": 1, "generated": 2})
     order = meta.assign(rank=rank).sort_values(["rank", "family", "task", "adapter"]).index
@@ -383,5 +434,36 @@ def read_deltas(
     x = np.stack(deltas)[np.asarray(order)] if deltas else np.zeros((0, hidden), np.float32)
     have = {row["path"] for row, _ in keep}
     missing = [r["adapter"] for r in world.teachers.to_dict("records") if r["path"] not in have]
-    problems = [f"cache entry {k[:12]}: {why}" for k, why in cache.problems]
-    return DeltaTable(meta, x, chosen, views, missing, unmatched[chosen], problems)
+    return DeltaTable(meta, x, chosen, views, missing, unmatched[chosen], problems, other_view)
+
+
+def generated_rows(world: WorldView, runs: list[RunView]) -> list[tuple[RunView, dict]]:
+    """(run, table row) of every generated adapter of a run of this world, by run and task."""
+    out = []
+    for run in runs:
+        acc = generated_accuracy(run)
+        for task in sorted({*run.adapters, *run.deltas}):
+            t = world.tasks[world.tasks["name"] == task]
+            if t.empty:  # a run of another world
+                continue
+            t = t.iloc[0]
+            path = run.adapters.get(task, run.dir / "eval" / "adapters" / task)
+            out.append(
+                (
+                    run,
+                    {
+                        "adapter": f"{run.name}/eval/adapters/{task}",
+                        "source": "generated",
+                        "task": task,
+                        "family": t["family"],
+                        "split": t["split"],
+                        "heldout_kind": t["heldout_kind"],
+                        "accuracy": acc.get(task, float("nan")),
+                        "step": int(run.metrics["step"].max()) if "step" in run.metrics else 0,
+                        "data_split": 0,
+                        "run": run.name,
+                        "path": str(path),
+                    },
+                )
+            )
+    return out

@@ -80,6 +80,7 @@ def _run_files(runs_dir: Path) -> tuple:
             d / "metadata.json",
             d / "metrics.jsonl",
             d / "eval",
+            d / "eval" / data.GENERATED_DELTAS,
         ]
     return data.stamp(*paths)
 
@@ -160,12 +161,22 @@ def delta_notes(table: data.DeltaTable) -> None:
             f"{len(table.missing)} world adapter(s) have no delta here (add them with "
             f"`just compute-deltas --world {f.world}`)"
         )
-    if table.n_generated == 0:
+    if table.other_view:
         parts.append(
-            "no generated adapters' deltas in this cache (add a run's with `uv run llgbm-delta "
-            f"compute --base {f.world / 'base'} --adapters {f.runs}/NAME/adapters --cache "
-            f"{f.delta_cache}`)"
+            f"generated deltas of {', '.join(table.other_view)} are of other probes or spec "
+            "(pick their view above, if the cache holds it)"
         )
+    elif table.n_generated == 0:
+        runs, _ = load_runs()
+        if not runs:
+            parts.append(
+                f"no runs in {f.runs} yet: `just train delta_multi` adds generated adapters"
+            )
+        else:
+            parts.append(
+                "no generated adapters' deltas: `llgbm evaluate RUN` writes them "
+                "(RUN/eval/deltas.safetensors)"
+            )
     st.caption(" · ".join(parts))
     for p in table.problems:
         st.warning(p)

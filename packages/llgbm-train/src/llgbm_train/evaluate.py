@@ -17,6 +17,9 @@ For each evaluated task five adapters are scored on the same test items (greedy 
   ``eval/adapters/<task>/`` and scored from that directory, so the table is the saved adapter's.
   For delta_only b2 it is the merge of the training teachers nearest to the delta predicted from
   those prompts (``llgbm_train.predictor``); the report names them per task (``retrieved``).
+  Its delta (the one compared to the teacher's) is kept in ``eval/deltas.safetensors`` (one
+  float32 [hidden] tensor per task; the probe set and delta spec in the header), so readers such
+  as the explorer draw generated adapters beside the teachers without a model.
 
 Tasks are grouped as ``seen`` (train tasks, on their unseen test items) and held-out, split by
 generalisation kind (``llgbm_train.generalisation``). Per-item results are kept (``correct``, a
@@ -27,7 +30,8 @@ a training sample and none of its prompts is a training condition; a task's cond
 its scored items are disjoint. The report also records, per task, the oracle's accuracy in
 world.json next to the one measured here (equal when every test item is scored).
 
-The report names the checkpoint step it scored. ``eval/`` (report.json, report.md, adapters/) is
+The report names the checkpoint step it scored. ``eval/`` (report.json, report.md, adapters/,
+deltas.safetensors) is
 written into a fresh directory beside it and swapped in whole: never a mix of adapters from two
 checkpoints beside an old report.
 """
@@ -65,6 +69,8 @@ LABELS = {
 GROUPS = ("heldout", *KINDS, "seen")
 EVAL_DIR = "eval"
 REPORT = "report.json"
+GENERATED_DELTAS = "deltas.safetensors"  # in eval/: the generated adapters' deltas, by task
+GENERATED_DELTAS_FORMAT = "llgbm-generated-deltas/1"
 
 
 class EvalError(ValueError):
@@ -452,6 +458,7 @@ def evaluate(
                 references[key] = refs
         oracles = oracle_deltas(setup, task_list)
         per_task = []
+        gen_deltas: dict[str, torch.Tensor] = {}
         for t in task_list:
             retrieved = None
             if is_predictor(generator):
@@ -463,7 +470,8 @@ def evaluate(
 
             save_adapter(gen, path)
             ref = oracles.get(t.name)
-            generated = _result(score_items(setup, items[t.name], path), delta_of(setup, gen), ref)
+            gen_deltas[t.name] = delta_of(setup, gen)  # [hidden]
+            generated = _result(score_items(setup, items[t.name], path), gen_deltas[t.name], ref)
             if bar is not None:
                 bar.update(1)
             r = refs[t.name]
@@ -504,6 +512,7 @@ def evaluate(
         from llgbm_train.reports import report_markdown
 
         (work / "report.md").write_text(report_markdown(report))
+        save_generated_deltas(setup, gen_deltas, work / GENERATED_DELTAS)
         (work / REPORT).write_text(json.dumps(report, indent=1))  # last: marks a complete eval/
         if final is not None:
             from llgbm_flora import atomic
@@ -570,6 +579,25 @@ def in_group(row: dict, group: str) -> bool:
 
 
 # files -------------------------------------------------------------------------------------------
+def save_generated_deltas(setup: Setup, deltas: dict[str, torch.Tensor], path: Path) -> None:
+    """``deltas`` (task -> [hidden]) as safetensors; the header names probes and delta spec.
+
+    The header's ``probe_hash`` and ``spec_hash`` are the ones llgbm-delta's cache entries carry,
+    so a reader can tell which cached teacher deltas these compare with.
+    """
+    from safetensors.numpy import save_file
+
+    meta = {
+        "format": GENERATED_DELTAS_FORMAT,
+        "probe_name": str(setup.probes.name),
+        "probe_hash": setup.probes.hash,
+        "spec": json.dumps(setup.delta_spec.to_dict(), sort_keys=True),
+        "spec_hash": setup.delta_spec.hash,
+    }
+    tensors = {t: d.detach().float().cpu().numpy().reshape(-1) for t, d in deltas.items()}
+    save_file(tensors, str(path), metadata=meta)
+
+
 def _adapter_dir(root: Path, task: str) -> Path:
     """``root/<task>``, refusing a task name that would leave ``root``."""
     from llgbm_flora.names import check_name

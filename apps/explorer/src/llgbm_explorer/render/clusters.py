@@ -87,7 +87,7 @@ def render() -> None:
     composed = compose_clustering(f)
     if composed is not None:
         name, composed_table = composed
-        st.caption(f"from `llgbm compose` ({name}): deltas, flattened weights and delta-W = B·A")
+        st.caption(f"from llgbm-compose ({name}): deltas, flattened weights and delta-W = B·A")
         st.dataframe(composed_table.round(3), hide_index=True)
     bars = [per_group(x, list(meta["family"]), "deltas")]
     if w is not None:

@@ -1,6 +1,7 @@
-"""Composition: additivity of deltas and merges scored on their tasks, from `llgbm compose`.
+"""Composition: additivity of deltas and merges scored on their tasks, from llgbm-compose.
 
-Reads ``RUNS/compose/<world name>/report.json`` (llgbm-compose's report; a ``report.json`` or
+Reads ``RUNS/compose/<world name>/report.json`` (written by ``python -m llgbm_compose compose
+WORLD``, llgbm_compose.experiment.run_compose; a ``report.json`` or
 any ``*.json`` report directly in ``RUNS/compose`` is read too). Sections the report lacks, or
 lays out differently, are named instead of drawn.
 """
@@ -19,7 +20,9 @@ import streamlit as st
 from llgbm_explorer import ui
 from llgbm_explorer.folders import ExplorerError, inside
 
-COMPOSE_DIR = "compose"  # under the runs folder; `llgbm compose WORLD` writes there
+COMPOSE_DIR = (
+    "compose"  # under the runs folder; `python -m llgbm_compose compose WORLD` writes there
+)
 TARGETS = {
     "sum": "d(a) + d(b)",
     "mean": "(d(a) + d(b)) / 2",
@@ -98,6 +101,26 @@ def merge_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pooled_table(report: dict) -> pd.DataFrame:
+    """Accuracy % of each adapter pooled over mixtures (items of a, b, the mix) and same-task merges."""
+    s = report["merges"]["summary"]
+    cols = {f"mixtures: items of {e}": by for e, by in (s.get("mixtures") or {}).items()}
+    if s.get("same_task"):
+        cols["same-task merges"] = s["same_task"]
+    adapters = list(dict.fromkeys(a for by in cols.values() for a in by))
+    return pd.DataFrame(
+        [
+            {"adapter": a, **{c: 100 * by[a] if a in by else None for c, by in cols.items()}}
+            for a in adapters
+        ]
+    )
+
+
+def compose_command(world: Path, runs: Path) -> str:
+    """The command that writes the report this page reads for ``world``."""
+    return f"uv run llgbm compose {world} --out {runs / COMPOSE_DIR / world.name}"
+
+
 @contextlib.contextmanager
 def section(name: str) -> Iterator[None]:
     """Draw one section; a report without it (or laid out otherwise) gets a caption."""
@@ -113,8 +136,9 @@ def render() -> None:
     files = compose_reports(f.runs)
     if not files:
         st.info(
-            f"{f.runs / COMPOSE_DIR}: no composition results yet; run `llgbm compose {f.world}` "
-            "first (it writes clustering, additivity, merge and retrieval results there)"
+            f"{f.runs / COMPOSE_DIR}: no composition results yet. `{compose_command(f.world, f.runs)}` "
+            "writes them (clustering, additivity, merges, retrieval; minutes on CPU for the "
+            "tiny world)"
         )
         return
     names = [p.relative_to(f.runs / COMPOSE_DIR).as_posix() for p in files]
@@ -146,6 +170,13 @@ def render() -> None:
                 hide_index=True,
             )
     st.header("Merges scored on their tasks")
+    st.caption(
+        "A mixture's two part teachers merged (average, task arithmetic, TIES, DARE), scored with "
+        "the teachers on the items of each part and of the mixture; same-task merges combine one "
+        "task's teachers of different data splits."
+    )
+    with section("pooled merges"):
+        st.dataframe(pooled_table(report).round(1), hide_index=True)
     with section("merges"):
         m = merge_table(report)
         mix = st.selectbox("mixture", sorted(m["mixture"].unique()))
