@@ -48,6 +48,21 @@ def test_delta_gpu_benchmark_runs_tiny_on_cpu(tmp_path):
     assert all("seconds" in r for r in res["fwd_bwd"])
 
 
+@pytest.mark.slow
+def test_delta_disk_benchmark_runs_tiny_on_cpu(tmp_path):
+    out = tmp_path / "disk.json"
+    argv = ["--tiny", "--adapters", "6", "--batch", "4", "--threads", "2", "--repeats", "1"]
+    res = _load("delta_disk").main([*argv, "--dir", str(tmp_path), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["bytes_per_adapter"] > 0 and saved["read_GBps"]["pinned_1"] > 0
+    assert [(r["loader_threads"], r["cache"]) for r in res["end_to_end"]] == [
+        (2, None),
+        (2, "fresh"),
+    ]
+    assert all(r["adapters_per_s"] > 0 for r in res["end_to_end"])
+    assert list(tmp_path.iterdir()) == [out]  # the adapters written are removed again
+
+
 def test_flop_count_qwen_shapes():
     """The FLOP model on the real Qwen2.5-1.5B shapes, built on the meta device (no memory)."""
     import torch

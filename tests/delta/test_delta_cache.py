@@ -250,3 +250,25 @@ def test_fingerprint_sampled_mode_sees_changes(model, monkeypatch):
     half = model.to(torch.bfloat16)
     assert model_fingerprint(half) not in (changed, sampled)
     assert model_fingerprint(half) == model_fingerprint(half)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_hash_from_the_read_bytes_is_the_content_hash(base_dir, adapter_dirs, tmp_path, dora):
+    """compute_deltas hashes the bytes it read (adapter_data_hash); the cache keys must be the
+    ones adapter_content_hash gives for the loaded tensors, so existing caches keep hitting."""
+    from llgbm_delta.fingerprint import adapter_content_hash, adapter_data_hash
+    from llgbm_flora import adapter_layout, load_adapter, read_adapter_data
+
+    dirs = list(adapter_dirs)
+    if dora:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        dirs = [make_peft_adapter(model, tmp_path / "dora", seed=7, use_dora=True)]
+    hashes = set()
+    for d in dirs:
+        lay = adapter_layout(d)
+        data = read_adapter_data(lay, torch.empty(lay.nbytes, dtype=torch.uint8))
+        assert lay.spec.use_dora == dora
+        h = adapter_data_hash(lay, data)
+        assert h == adapter_content_hash(load_adapter(d))
+        hashes.add(h)
+    assert len(hashes) == len(dirs)

@@ -84,14 +84,14 @@ def test_failure_mid_run_commits_the_batches_already_loaded(
 ):
     """An adapter that breaks after validation (here: its file changes under us) stops the run,
     but the adapters queued before it are computed and committed first."""
-    real = compute.load_adapter
+    real = compute.read_adapter_data
 
-    def flaky(path, **kw):
-        if Path(path) == adapter_dirs[2]:
+    def flaky(layout, out):
+        if layout.file.parent == adapter_dirs[2]:
             raise OSError("input/output error")
-        return real(path, **kw)
+        return real(layout, out)
 
-    monkeypatch.setattr(compute, "load_adapter", flaky)
+    monkeypatch.setattr(compute, "read_adapter_data", flaky)
     cache = DeltaCache(tmp_path / "c")
     with pytest.raises(AdapterError, match="input/output error"):
         compute_deltas(
@@ -99,7 +99,7 @@ def test_failure_mid_run_commits_the_batches_already_loaded(
         )
     names = sorted(e.adapter_name for e in cache.entries())
     assert names == sorted(map(str, adapter_dirs[:2]))
-    monkeypatch.setattr(compute, "load_adapter", real)
+    monkeypatch.setattr(compute, "read_adapter_data", real)
     r = run_deltas(base_dir, adapter_dirs[:4], cache=cache, progress=False)
     assert r.cached == [True, True, False, False]
 
@@ -197,6 +197,7 @@ def test_fully_cached_path_base_loads_no_model_and_no_tensors(
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", forbidden)  # no meta copy either
     monkeypatch.setattr(AutoConfig, "from_pretrained", forbidden)
     monkeypatch.setattr(compute, "load_adapter", forbidden)
+    monkeypatch.setattr(compute, "read_adapter_data", forbidden)
     monkeypatch.setattr(compute, "activations", forbidden)
     again = run_deltas(base_dir, adapter_dirs, cache=DeltaCache(cache), progress=False)
     assert not again.forward and again.cached == [True] * len(adapter_dirs)

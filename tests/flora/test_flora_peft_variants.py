@@ -17,9 +17,12 @@ from llgbm_flora import (
     LoraBatch,
     LoraError,
     LoraKeyMismatchError,
+    adapter_from_data,
+    adapter_layout,
     functional_forward,
     inspect_adapter,
     load_adapter,
+    read_adapter_data,
     save_adapter,
 )
 from llgbm_flora.fused import fused_hidden_states
@@ -234,3 +237,18 @@ def test_bad_pattern_and_dora_inputs_are_one_line(tmp_path):
     _, good = _peft_adapter("dora", tmp_path / "b", seed=6)
     with pytest.raises(LoraError, match="no base-independent delta-W"):
         load_adapter(good).delta_weight((0, "q_proj"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_read_in_one_piece_equals_load_adapter(case, tmp_path):
+    """peft_layout's path (one read of the data section, tensors cut from it) = load_adapter."""
+    _, path = _peft_adapter(case, tmp_path / "a", seed=3)
+    lay = adapter_layout(path)
+    data = read_adapter_data(lay, torch.full((lay.nbytes + 16,), 0xAB, dtype=torch.uint8))
+    got, ref = adapter_from_data(lay, data), load_adapter(path)
+    assert lay.spec == ref.spec == inspect_adapter(path)
+    for part in ("A", "B", "magnitude"):
+        x, y = getattr(got, part), getattr(ref, part)
+        assert (x is None) == (y is None) and (x is None or x.keys() == y.keys())
+        for k in x or {}:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (part, k)

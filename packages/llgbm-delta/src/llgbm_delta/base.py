@@ -116,6 +116,7 @@ class RunBase:
         self.device = device
         self.dtype = parse_dtype(dtype)
         self.cache = cache
+        self._fits_ok: set = set()  # structures already checked against the base in this run
         self.memo_new: dict[str, dict] = {}  # memo entries learned by this run
         self.model = self.tokenizer = None
         self._config = self._shadow = None
@@ -161,13 +162,18 @@ class RunBase:
         from llgbm_flora import check_fits
 
         all_layers = spec.model_layers is not None  # saved without layers_to_transform
+        seen = (spec.structure, all_layers)
+        if seen in self._fits_ok:
+            return
         key = None
         if self.cache is not None and self.identity() is not None:
             digest = hashlib.sha256(repr((spec.structure, all_layers)).encode()).hexdigest()
             key = f"fits:{self.identity()}:{digest}"
             if self.cache.memo_get(key) is not None:
+                self._fits_ok.add(seen)
                 return
         check_fits(self.shadow, spec, all_layers=all_layers)
+        self._fits_ok.add(seen)
         if key is not None:
             self.memo_new[key] = {"fits": True}
 

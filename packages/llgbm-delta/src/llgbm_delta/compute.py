@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
@@ -40,7 +41,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from llgbm_flora import LoraAdapter, LoraBatch, LoraError, load_adapter, save_adapter
+from llgbm_flora import (
+    AdapterLayout,
+    LoraAdapter,
+    LoraBatch,
+    LoraError,
+    adapter_from_data,
+    adapter_layout,
+    batch_from_data,
+    load_adapter,
+    read_adapter_data,
+    save_adapter,
+)
 from torch import nn
 
 from llgbm_delta.base import (
@@ -56,6 +68,7 @@ from llgbm_delta.delta import ProbeBatch, activations, delta_for_lora, encode_pr
 from llgbm_delta.errors import AdapterError, BaseModelError, DeltaError, DeltaWarning
 from llgbm_delta.fingerprint import (
     adapter_content_hash,
+    adapter_data_hash,
     checkpoint_content_hash,
     files_identity,
     model_fingerprint,
@@ -312,10 +325,18 @@ class _Run:
         threads = self.loader_threads
         if threads is None:
             # Threads pay off when the forward runs on an accelerator and the CPU is free to load.
-            threads = 1 if self.base.target_device().type == "cpu" else 4
+            threads = 1 if self.base.target_device().type == "cpu" else 8
         workers = min(threads, os.cpu_count() or 1) if self.method == "flora" else 1
+        loader = _Loader(self.base.target_device() if self.method == "flora" else None)
         for i, adapter, h, key, hit, err in _prefetch(
-            sources, valid, self._key_of, self.cache, memo_new, workers, 2 * self.adapters_per_batch
+            sources,
+            valid,
+            self._key_of,
+            self.cache,
+            memo_new,
+            workers,
+            2 * self.adapters_per_batch,
+            loader,
         ):
             if err is not None:
                 self._fail(i, err)
@@ -331,6 +352,8 @@ class _Run:
             if src.kind == "checkpoint":
                 self._checkpoint(i, src, h)
             elif self.runner is not None:
+                if isinstance(adapter, _Read):
+                    adapter = adapter.adapter()
                 with torch.inference_mode():
                     v = self.runner.activation(src, adapter, self.batch, self.spec)
                 self._store([(i, adapter, h)], (v - self.base_v).cpu().numpy()[None])
@@ -380,7 +403,7 @@ class _Run:
         model, tokenizer = self.base.model, self.base.tokenizer
         try:
             with torch.inference_mode():
-                lora = LoraBatch.from_adapters([a for _, a, _ in group]).to(device=device_of(model))
+                lora = _batch([a for _, a, _ in group], device_of(model))
                 d = delta_for_lora(
                     model,
                     tokenizer,
@@ -479,26 +502,116 @@ class _Run:
             )
 
 
-def _prefetch(sources, valid, key_of, cache, memo_new, workers: int, window: int):
+@dataclass
+class _Read:
+    """A PEFT adapter read straight from its file: its layout and its data section (uint8),
+    on the target device once `_Loader.to_device` ran (`ready`: the copy's CUDA event)."""
+
+    layout: AdapterLayout
+    data: torch.Tensor
+    ready: object | None = None
+
+    @property
+    def spec(self):
+        return self.layout.spec
+
+    def wait(self) -> None:
+        """Make the current stream wait for the copy to the device (no host sync)."""
+        if self.ready is not None:
+            current = torch.cuda.current_stream(self.data.device)
+            current.wait_event(self.ready)
+            self.data.record_stream(current)  # not reused before the forward has read it
+            self.ready = None
+
+    def adapter(self) -> LoraAdapter:
+        self.wait()
+        return adapter_from_data(self.layout, self.data)
+
+
+class _Loader:
+    """Reads PEFT adapters for the flora path: each file's data section in one `readinto`,
+    into pinned memory when the forward runs on CUDA, then one asynchronous copy per adapter
+    on a side stream, so reads, transfers and the forward passes overlap."""
+
+    def __init__(self, device: torch.device | None):
+        self.device = device
+        self.cuda = device is not None and device.type == "cuda"
+        self._stream = None  # made at the first copy: a fully cached run never touches CUDA
+        self._lock = threading.Lock()
+
+    def read(self, src: Source) -> _Read | LoraAdapter:
+        try:
+            layout = adapter_layout(src.path)
+            if layout is None:  # adapter_model.bin: no header to place the tensors by
+                return _load_lora(src)
+            if layout.spec != src.spec:
+                raise AdapterError(
+                    f"{src.label}: the adapter changed on disk while deltas were computed"
+                )
+            host = torch.empty(layout.nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            return _Read(layout, read_adapter_data(layout, host))
+        except LoraError as e:
+            msg = str(e)
+            raise AdapterError(msg if src.label in msg else f"{src.label}: {msg}") from e
+        except (OSError, RuntimeError) as e:
+            raise AdapterError(f"{src.label}: cannot load adapter ({e})") from e
+
+    def to_device(self, item):
+        """Start moving a read adapter to the device (asynchronously on CUDA)."""
+        if not isinstance(item, _Read) or self.device is None:
+            return item
+        if not self.cuda:
+            return _Read(item.layout, item.data.to(self.device))
+        with self._lock:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(self.device)
+        stream = self._stream
+        with torch.cuda.stream(stream):
+            # Allocated on the copy stream: a block the forward's stream freed, and may still
+            # be reading, is never handed to this copy (that raced: NaN deltas).
+            dev = torch.empty(item.layout.nbytes, dtype=torch.uint8, device=self.device)
+            dev.copy_(item.data, non_blocking=True)  # the pinned block is reused once done
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return _Read(item.layout, dev, ready)
+
+
+def _batch(items: list, device: torch.device) -> LoraBatch:
+    """One LoraBatch on `device` from read adapters (stacked there) or LoraAdapters."""
+    if all(isinstance(a, _Read) and a.data.device == device for a in items):
+        for a in items:
+            a.wait()
+        try:
+            return batch_from_data([a.layout for a in items], [a.data for a in items])
+        except ValueError:
+            pass  # stored dtypes differ between adapters: stack them as adapters below
+    adapters = [a.adapter() if isinstance(a, _Read) else a for a in items]
+    return LoraBatch.from_adapters(adapters).to(device=device)
+
+
+def _prefetch(sources, valid, key_of, cache, memo_new, workers: int, window: int, loader):
     """Yield (i, adapter, content hash, key, cached delta, error) for `valid`, in order.
 
     Each item is hashed (from the memo when its files are unchanged), looked up in the cache,
-    and loaded only if missing (a full checkpoint is loaded later, by the forward). Loading,
-    hashing and lookups run `window` items ahead in `workers` threads (file reads, safetensors
-    and sha256 release the GIL), overlapping each other and the forward passes.
+    and loaded only if missing (a full checkpoint is loaded later, by the forward); a loaded
+    PEFT adapter comes as a `_Read` already on its way to the device. Reading, hashing, lookups
+    and the copies run `window` items ahead in `workers` threads (file reads, sha256 and CUDA
+    copies release the GIL), overlapping each other and the forward passes.
     """
 
     def prepare(i: int):
         src = sources[i]
         try:
-            adapter, h = _content(src, cache, memo_new)
+            adapter, h = _content(src, cache, memo_new, loader)
             key = hit = None
             if cache is not None:
                 key = key_of(h)
                 hit = cache.get(key)
-            if hit is None and adapter is None and src.kind == "lora":
-                adapter = _load_lora(src)
-            return i, adapter, h, key, hit, None
+            if hit is not None:
+                return i, None, h, key, hit, None
+            if adapter is None and src.kind == "lora":
+                adapter = loader.read(src)
+            return i, loader.to_device(adapter), h, key, None, None
         except AdapterError as e:
             return i, None, None, None, None, e
 
@@ -520,13 +633,14 @@ def _prefetch(sources, valid, key_of, cache, memo_new, workers: int, window: int
                 f.cancel()
 
 
-def _content(src: Source, cache, memo_new: dict) -> tuple[LoraAdapter | None, str | None]:
+def _content(src: Source, cache, memo_new: dict, loader: _Loader):
     """(the adapter if it had to be loaded, its content hash); the hash from the memo if known.
 
-    Without a cache no hash is needed (None), and only a LoRA's tensors are read.
+    Without a cache no hash is needed (None), and only a LoRA's tensors are read. A PEFT file
+    read for its hash is hashed straight from the bytes read (`adapter_data_hash`).
     """
     if cache is None:
-        return (_load_lora(src) if src.kind == "lora" else src.adapter), None
+        return (loader.read(src) if src.kind == "lora" else src.adapter), None
     if src.kind == "memory":
         return src.adapter, adapter_content_hash(src.adapter)
     try:
@@ -537,8 +651,11 @@ def _content(src: Source, cache, memo_new: dict) -> tuple[LoraAdapter | None, st
     if known is not None and isinstance(known.get("hash"), str):
         return None, known["hash"]
     if src.kind == "lora":
-        adapter = _load_lora(src)
-        h = adapter_content_hash(adapter)
+        adapter = loader.read(src)
+        if isinstance(adapter, _Read):
+            h = adapter_data_hash(adapter.layout, adapter.data)
+        else:
+            h = adapter_content_hash(adapter)
     else:
         adapter = None
         try:
@@ -615,7 +732,7 @@ def compute_deltas(
     are NaN (use `run_deltas` for the list of failures).
     adapters_per_batch: adapters per forward (n adapters x P probes rows); adapter_chunk_size:
     flora's micro-batching inside that forward (memory); loader_threads: threads loading and
-    hashing adapters ahead of the forward passes (default: 4 on an accelerator, 1 on CPU).
+    hashing adapters ahead of the forward passes (default: 8 on an accelerator, 1 on CPU).
     compile: `torch.compile` the fused forward (default: on CUDA; the first batch of each size
     then takes seconds to compile, later ones run ~1.4x faster: docs/benchmarks.md).
     """

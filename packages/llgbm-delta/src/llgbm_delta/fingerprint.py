@@ -110,7 +110,48 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def adapter_content_hash(adapter) -> str:
     """sha256 of a LoRA adapter's structure and tensors (see module doc); path-independent."""
-    spec = adapter.spec
+    parts = [("A", adapter.A), ("B", adapter.B)]
+    if adapter.magnitude is not None:
+        parts.append(("M", adapter.magnitude))
+
+    def items():
+        for key in sorted(set(adapter.A) | set(adapter.B)):
+            for part, tensors in parts:
+                t = tensors.get(key)
+                if t is None:
+                    yield part, key, None, None, None
+                else:
+                    yield part, key, t.dtype, tuple(t.shape), _tensor_buffer(t)
+
+    return _adapter_hash(adapter.spec, items())
+
+
+def adapter_data_hash(layout, data: torch.Tensor) -> str:
+    """`adapter_content_hash` of an adapter read with llgbm_flora.read_adapter_data: the same
+    hash, computed straight from the read bytes (uint8 CPU tensor) without building tensors.
+
+    The layout lists its tensors in the canonical order this hash walks (keys sorted; A, B, M).
+    """
+    view = memoryview(data.numpy()).cast("B")
+    try:
+        items = (
+            (part, key, dtype, shape, view[lo:hi])
+            for part, key, dtype, shape, lo, hi in layout.tensors
+        )
+        return _adapter_hash(layout.spec, items)
+    finally:
+        view.release()
+
+
+def _tensor_buffer(t: torch.Tensor):
+    """A tensor's bytes in row-major order, without a copy for a contiguous CPU tensor."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.is_contiguous():
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return tensor_bytes(t)
+
+
+def _adapter_hash(spec, items) -> str:
     h = hashlib.sha256(b"llgbm-adapter-content/1\0")
     structure = {
         "rank": int(spec.rank),
@@ -125,17 +166,12 @@ def adapter_content_hash(adapter) -> str:
         structure["alpha_pattern"] = [[list(k), a] for k, a in spec.alpha_pattern]
         structure["use_dora"] = spec.use_dora
     h.update(json.dumps(structure, sort_keys=True, separators=(",", ":")).encode())
-    parts = [("A", adapter.A), ("B", adapter.B)]
-    if adapter.magnitude is not None:
-        parts.append(("M", adapter.magnitude))
-    for key in sorted(set(adapter.A) | set(adapter.B)):
-        for part, tensors in parts:
-            t = tensors.get(key)
-            if t is None:
-                h.update(f"\0{part}{key}\0missing".encode())
-                continue
-            h.update(f"\0{part}{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-            h.update(tensor_bytes(t))
+    for part, key, dtype, shape, buf in items:
+        if buf is None:
+            h.update(f"\0{part}{key}\0missing".encode())
+            continue
+        h.update(f"\0{part}{key}\0{dtype}\0{shape}\0".encode())
+        h.update(buf)  # hashlib releases the GIL on large buffers: threads hash in parallel
     return h.hexdigest()
 
 

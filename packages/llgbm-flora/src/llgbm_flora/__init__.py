@@ -48,6 +48,16 @@ _EXPORTS = {
         "peft_io",
     ),
     **dict.fromkeys(
+        [
+            "AdapterLayout",
+            "adapter_from_data",
+            "adapter_layout",
+            "batch_from_data",
+            "read_adapter_data",
+        ],
+        "peft_layout",
+    ),
+    **dict.fromkeys(
         ("STANDARD_MODULES", "LoraAdapter", "LoraBatch", "LoraKey", "LoraSpec"), "spec"
     ),
 }

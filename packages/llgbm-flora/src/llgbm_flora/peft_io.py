@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import atomic
 from .errors import LoraFormatError, LoraKeyMismatchError
+from .peft_layout import _ST_DTYPES
 from .spec import LoraAdapter, LoraKey, LoraSpec, module_order
 
 __all__ = [
@@ -193,7 +194,17 @@ def inspect_adapter(path: str | os.PathLike, *, model: torch.nn.Module | None = 
     before any model is loaded. `model` may live on the meta device. Damaged tensor bytes past
     an intact header are only found by `load_adapter`.
     """
-    return _load(path, model, meta=True).spec
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / SAFETENSORS_NAME).is_file():
+        return _load(path, model, meta=True).spec  # .bin adapters, and the errors for a bad dir
+    from .peft_layout import adapter_layout  # memoised on the config and header bytes
+
+    spec = adapter_layout(path).spec
+    if model is not None:
+        from .mapping import check_fits
+
+        check_fits(model, spec, all_layers=spec.model_layers is not None)
+    return spec
 
 
 def _load(path: str | os.PathLike, model: torch.nn.Module | None, meta: bool) -> LoraAdapter:
@@ -262,20 +273,6 @@ def _header_tensors(path: Path) -> dict[str, Tensor]:
                 raise ValueError(f"tensor {name}: dtype {sl.get_dtype()} is not supported")
             out[name] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
     return out
-
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def _first_line(exc: BaseException) -> str:
