@@ -30,3 +30,17 @@ def demo_folders(demo, tmp_path) -> Folders:
 def composed(demo, tmp_path_factory):
     """A real compose report of the demo world: RUNS/compose/<world name>/report.json."""
     return compose(demo.world, tmp_path_factory.mktemp("composed") / "runs")
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Put ``sys.modules["__main__"]`` back after each test.
+
+    AppTest runs the app script as ``__main__``; left in place, every later ``spawn`` worker of
+    the session (the experiment's ``--jobs``) re-runs the app, whose argument parser exits on
+    pytest's own arguments (`just test -k ...`), and the pool breaks.
+    """
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
