@@ -223,7 +223,7 @@ def generate(setup: Setup, generator, task, *, prompts: list[str] | None = None)
 @torch.no_grad()
 def condition_embedding(setup: Setup, prompts: list[str]) -> torch.Tensor:
     """Masked mean of the encoder's states over prompts and tokens. -> [D] float32 cpu."""
-    from llgbm_train.predictor import masked_mean
+    from llgbm_train.generators.t2l import masked_mean
 
     states, mask = setup.encoder.encode([prompts])  # [1, N, L, D], [1, N, L]
     return masked_mean(states, mask)[0].float().cpu()

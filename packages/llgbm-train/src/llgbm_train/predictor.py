@@ -29,11 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-
-def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
-    """Masked mean over prompts and tokens: [B, N, L, D], [B, N, L] -> [B, D]."""
-    m = mask[..., None].to(states.dtype)  # [B, N, L, 1]
-    return (states * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)
+from llgbm_train.generators.t2l import masked_mean, standardisation
 
 
 class DeltaPredictor(nn.Module):
@@ -60,11 +56,9 @@ class DeltaPredictor(nn.Module):
     @torch.no_grad()
     def fit_condition(self, pooled: Tensor) -> None:
         """Per-feature mean and std of the training conditions' pooled states [C >= 2, D]."""
-        pooled = pooled.float()
-        std = pooled.std(dim=0)
-        floor = 1e-6 * float(std.max().clamp_min(1e-12))  # constant features keep scale 1
-        self.cond_shift.copy_(pooled.mean(dim=0))
-        self.cond_scale.copy_(torch.where(std > floor, std, torch.ones_like(std)))
+        shift, scale = standardisation(pooled)
+        self.cond_shift.copy_(shift)
+        self.cond_scale.copy_(scale)
 
     def forward(self, states: Tensor, mask: Tensor) -> Tensor:
         if states.dim() != 4 or states.shape[-1] != self.cond_dim:

@@ -34,6 +34,24 @@ from llgbm_train.weight_tokens import WeightTokenizer
 _B_INIT_STD = 1e-3
 
 
+def masked_mean(cond: Tensor, cond_mask: Tensor) -> Tensor:
+    """Masked mean over prompts and tokens: [B, N, L, D], [B, N, L] -> [B, D]."""
+    m = cond_mask[..., None].to(cond.dtype)  # [B, N, L, 1]
+    return (cond * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)
+
+
+@torch.no_grad()
+def standardisation(pooled: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature (mean, std) of pooled training conditions [C >= 2, D], float32.
+
+    Features constant over the zoo carry nothing: scale 1 keeps them from blowing up.
+    """
+    pooled = pooled.float()
+    std = pooled.std(dim=0)
+    floor = 1e-6 * float(std.max().clamp_min(1e-12))
+    return pooled.mean(dim=0), torch.where(std > floor, std, torch.ones_like(std))
+
+
 class _Head(nn.Module):
     def __init__(self, hidden: int, n_out: int, head_rank: int | None) -> None:
         super().__init__()
@@ -118,11 +136,7 @@ class T2LGenerator(Generator):
             m: [i for i, k in enumerate(self.keys) if k[1] == m] for m in spec.target_modules
         }
 
-    @staticmethod
-    def pool(cond: Tensor, cond_mask: Tensor) -> Tensor:
-        """Masked mean over prompts and tokens: [B, N, L, D], [B, N, L] -> [B, D]."""
-        m = cond_mask[..., None].to(cond.dtype)  # [B, N, L, 1]
-        return (cond * m).sum(dim=(1, 2)) / m.sum(dim=(1, 2)).clamp_min(1.0)
+    pool = staticmethod(masked_mean)
 
     @torch.no_grad()
     def fit_condition(self, pooled: Tensor) -> None:
@@ -134,12 +148,9 @@ class T2LGenerator(Generator):
                 f"fit_condition: pooled conditions of shape {list(pooled.shape)}, expected "
                 f"[C >= 2, {self.cond_dim}]"
             )
-        pooled = pooled.float()
-        std = pooled.std(dim=0)
-        # Features constant over the zoo carry nothing: scale 1 keeps them from blowing up.
-        floor = 1e-6 * float(std.max().clamp_min(1e-12))
-        self.cond_shift.copy_(pooled.mean(dim=0))
-        self.cond_scale.copy_(torch.where(std > floor, std, torch.ones_like(std)))
+        shift, scale = standardisation(pooled)
+        self.cond_shift.copy_(shift)
+        self.cond_scale.copy_(scale)
 
     def forward(self, cond: Tensor, cond_mask: Tensor) -> LoraBatch:
         self._check_cond(cond, cond_mask, None, None)
