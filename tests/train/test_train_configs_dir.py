@@ -15,6 +15,7 @@ def test_configs_exist():
     assert {
         "baseline",
         "delta_multi",
+        "delta_behaviour",
         "delta_only",
         "delta_retrieve",
         "smollm2_delta_multi",
@@ -35,12 +36,22 @@ def test_default_configs_use_the_tiny_world():
     for name, objective in (
         ("baseline", "baseline"),
         ("delta_multi", "delta_multi"),
+        ("delta_behaviour", "delta_multi"),
         ("delta_only", "delta_only"),
         ("delta_retrieve", "delta_only"),
     ):
         assert by[name].world.kind == "tiny" and by[name].world.dir == "worlds/tiny"
         assert by[name].training.objective == objective
     assert by["delta_retrieve"].retrieves and not by["delta_only"].retrieves
+    # delta_behaviour is delta_multi with the behaviour delta in place of the logit KL, nothing else.
+    multi, behav = by["delta_multi"].to_dict(), by["delta_behaviour"].to_dict()
+    assert (
+        behav["training"].pop("delta_target") == "behaviour"
+        and behav["training"].pop("lambda_kl") == 0
+    )
+    multi["training"].pop("delta_target"), multi["training"].pop("lambda_kl")
+    assert behav.pop("name") == "delta_behaviour" and multi.pop("name") == "delta_multi"
+    assert behav == multi
 
 
 def test_paper_setting():

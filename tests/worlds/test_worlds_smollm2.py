@@ -33,6 +33,8 @@ def test_converted_model(smollm2):
     assert isinstance(model, LlamaForCausalLM)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert not hasattr(model.config, "quantization_config")
+    # The GGUF tokenizer has no pad token; batched scoring and the zoo's batches need one.
+    assert tok.pad_token_id is not None and tok.pad_token == tok.eos_token == "<|im_end|>"
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(
         msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -50,7 +52,7 @@ def test_task_phrasing_with_real_tokenizer(smollm2):
     for fam in FAMILIES.values():
         train, _ = make_items(fam, fam.params[0], seed=0, n_train=4, n_test=2)
         enc = encode(tok, train)
-        batch = collate(enc, tok.pad_token_id if tok.pad_token_id is not None else 0)
+        batch = collate(enc, tok.pad_token_id)
         for (ids, n_prompt), e in zip(enc, train):
             assert tok.decode(ids[n_prompt:-1]).strip() == e.answer
             assert tok.decode(ids[:n_prompt]).rstrip().endswith("### Response:")

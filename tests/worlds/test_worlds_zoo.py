@@ -16,18 +16,15 @@ changed data order does to the same teacher (the control in the test: 0.43 .. 0.
 
 from __future__ import annotations
 
-import copy
-import random
 from dataclasses import replace
 
 import pytest
 import torch
 from llgbm_flora import load_adapter
 from llgbm_worlds.build import run_specs, task_items
-from llgbm_worlds.data import collate, encode
 from llgbm_worlds.presets import get_preset
 from llgbm_worlds.scoring import score, score_fast
-from llgbm_worlds.zoo import ZooConfig, init_seed, peft_lora_config, run_seed, train_runs
+from llgbm_worlds.zoo import ZooConfig, init_seed, run_seed, train_peft_alone, train_runs
 
 TOL = 1e-3
 CFG = ZooConfig(steps=40, lr=1e-2, batch=16, checkpoints=(20, 40))
@@ -40,37 +37,6 @@ def _runs():
     pick = [("code_alpha", 0), ("prefix_red", 1), ("code_alpha", 1)]
     by = {(r.task, r.data_split): r for r in runs}
     return [by[k] for k in pick]
-
-
-def _peft_alone(base, tok, run, cfg: ZooConfig, out, *, data_seed: int):
-    """Plain PEFT training of one run (the reference). Saves checkpoints into out/stepNNNN."""
-    from peft import get_peft_model
-
-    torch.manual_seed(init_seed(cfg, 0, run.task, run.data_split))
-    model = get_peft_model(copy.deepcopy(base), peft_lora_config(cfg))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
-    rng = random.Random(data_seed)
-    encoded = encode(tok, run.items)
-    order: list[int] = []
-    model.train()
-    for step in range(1, cfg.steps + 1):
-        idx = []
-        while len(idx) < cfg.batch:
-            if not order:
-                order = list(range(len(encoded)))
-                rng.shuffle(order)
-            idx.append(order.pop())
-        loss = model(**collate([encoded[i] for i in idx], tok.pad_token_id)).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step in cfg.checkpoints:
-            model.save_pretrained(out / f"step{step:04d}", save_embedding_layers=False)
-    return model
 
 
 def _flat(path) -> torch.Tensor:
@@ -102,7 +68,7 @@ def test_batched_teacher_equals_peft_teacher_alone(tiny_base, tmp_path, init):
     )
     for i, run in enumerate(runs):
         alone = tmp_path / f"alone{i}"
-        model = _peft_alone(
+        model = train_peft_alone(
             base, tok, run, cfg, alone, data_seed=run_seed(0, run.task, run.data_split)
         )
         for rec in records[i]:
@@ -115,7 +81,7 @@ def test_batched_teacher_equals_peft_teacher_alone(tiny_base, tmp_path, init):
     # The comparison means something only if the teachers learned.
     assert max(rec[-1]["accuracy"] for rec in records) >= 0.5
     # Control: the same teacher with another data order is far away (the tolerance is meaningful).
-    _peft_alone(base, tok, runs[0], cfg, tmp_path / "other", data_seed=7)
+    train_peft_alone(base, tok, runs[0], cfg, tmp_path / "other", data_seed=7)
     final = records[0][-1]["dir"]
     assert _rel(_flat(dirs[0] / final), _flat(tmp_path / "other" / final)) > 1e2 * TOL
 

