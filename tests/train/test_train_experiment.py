@@ -197,8 +197,15 @@ def test_experiment_resumes_and_aggregates(
         "high_lr" in results["results"]["shared"]
         and "high_lr" not in results["results"]["independent"]
     )
+    # Each world's content hash, from its runs: what the numbers were measured on.
+    from llgbm_worlds import World
+
+    for world, wdir in worlds.items():
+        want = World.load(wdir).content_hash
+        assert [want.startswith(h) for h in results["worlds"][world]["content_hash"]] == [True]
     md = Path(spec.report).read_text()
     for needle in (
+        f"content hash `{World.load(test_world_dir).content_hash[:12]}`",
         "## Honesty checks",
         "## World `shared`",
         "## World `independent`",

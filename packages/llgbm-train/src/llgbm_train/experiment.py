@@ -519,12 +519,26 @@ def aggregate(spec: ExperimentSpec, planned: list[PlannedRun], reports: dict, ti
             w: {
                 "overrides": list(ov),
                 "dir": next(r.cfg.world.dir for r in planned if r.world == w),
+                "content_hash": _world_hashes([r for r in planned if r.world == w]),
             }
             for w, ov in spec.worlds.items()
         },
         "timing": {**total, "runs": {str(r.dir): timings.get(str(r.dir)) for r in planned}},
         "results": table,
     }
+
+
+def _world_hashes(runs: list[PlannedRun]) -> list[str]:
+    """The world content hashes the runs trained on (their metadata.json), sorted: one entry
+    when the world stayed the same through the experiment, more when it was rebuilt between runs
+    (a rebuild with the same seed and recipe can differ in float rounding, and so in results)."""
+    found = set()
+    for r in runs:
+        try:
+            found.add(str(json.loads((r.dir / "metadata.json").read_text())["world"]["hash"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run without metadata contributes no hash
+    return sorted(found)
 
 
 def _plain(obj: Any) -> Any:

@@ -233,7 +233,11 @@ def results_markdown(results: dict[str, Any], spec) -> str:
     ev = results["eval"]
     t = results["timing"]
     worlds = ", ".join(
-        f"**{w}** (`{' '.join(v['overrides'])}`)" for w, v in results["worlds"].items()
+        f"**{w}** (`{' '.join(v['overrides'])}`; content hash "
+        + (", ".join(f"`{h[:12]}`" for h in v.get("content_hash") or []) or "unknown")
+        + ("; **rebuilt between runs**" if len(v.get("content_hash") or []) > 1 else "")
+        + ")"
+        for w, v in results["worlds"].items()
     )
     labels0 = next(iter(results["results"].values()))
     steps = sorted({e["steps"] for labels in results["results"].values() for e in labels.values()})
