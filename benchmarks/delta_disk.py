@@ -143,6 +143,134 @@ def stages(model, tok, probes, dirs, batch: int, root: Path) -> dict:
     return out
 
 
+def profile(model, tok, probes, dirs, batch: int, threads: int, in_flight: int) -> dict:
+    """One run_deltas call (no cache) with its pipeline instrumented: where the main thread
+    waits, how busy the loader threads are, and how busy the GPU is (CUDA events around each
+    batch's cut and forward). Seconds, summed over the run; `in_flight`: compute.IN_FLIGHT."""
+    import threading
+
+    from llgbm_delta import compute, run_deltas
+
+    lock = threading.Lock()
+    acc: dict[str, float] = {}
+    events: list[tuple] = []
+
+    def add(name, secs):
+        with lock:
+            acc[name] = acc.get(name, 0.0) + secs
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(name, time.perf_counter() - t0)
+
+        return wrapper
+
+    def gpu_timed(name, fn):
+        def wrapper(*a, **kw):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                add(name + "_host", time.perf_counter() - t0)
+                e1.record()
+                events.append((name + "_gpu", e0, e1))
+
+        return wrapper
+
+    def timed_gen(fn):
+        def wrapper(*a, **kw):
+            gen = fn(*a, **kw)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    item = next(gen)
+                except StopIteration:
+                    return
+                finally:
+                    add("main_wait_loader", time.perf_counter() - t0)
+                yield item
+
+        return wrapper
+
+    marks: dict[str, float] = {}
+
+    def first_flush(fn):
+        def wrapper(*a, **kw):
+            marks.setdefault("first_flush", time.perf_counter())
+            return fn(*a, **kw)
+
+        return wrapper
+
+    def loop_end(fn):
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            finally:
+                marks["loop_end"] = time.perf_counter()
+
+        return wrapper
+
+    patches = [
+        (compute, "IN_FLIGHT", in_flight),
+        (compute._Run, "_loop", loop_end(compute._Run._loop)),
+        (compute, "_prefetch", timed_gen(compute._prefetch)),
+        (compute, "_batch", gpu_timed("cut", compute._batch)),
+        (compute, "delta_for_lora", gpu_timed("forward", compute.delta_for_lora)),
+        (compute._Readback, "numpy", timed("main_wait_readback", compute._Readback.numpy)),
+        (compute._Run, "_store", timed("main_store", compute._Run._store)),
+        (compute._Run, "_flush", first_flush(timed("main_flush", compute._Run._flush))),
+        (compute._Loader, "read", timed("loader_read", compute._Loader.read)),
+        (compute._Loader, "to_device", timed("loader_to_device", compute._Loader.to_device)),
+    ]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    try:
+        for obj, name, value in patches:
+            setattr(obj, name, value)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = run_deltas(
+            (model, tok),
+            dirs,
+            probes,
+            progress=False,
+            adapters_per_batch=batch,
+            loader_threads=threads,
+        )
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+    assert out.n_computed == len(dirs) and not out.failures
+    for name, e0, e1 in events:
+        add(name, e0.elapsed_time(e1) / 1e3)
+    # GPU time from the first cut's start to the last forward's end, and the idle part of it.
+    span = events[0][1].elapsed_time(events[-1][2]) / 1e3
+    busy = sum(e0.elapsed_time(e1) for _, e0, e1 in events) / 1e3
+    res = {"in_flight": in_flight, "batch": batch, "threads": threads, "wall_s": wall}
+    res["adapters_per_s"] = len(dirs) / wall
+    # Before the first batch's forward (validation, keys, base activation, the first batch's
+    # reads) and after the last read-back (the drift check: base again, weight fingerprint).
+    res["head_s"] = marks["first_flush"] - t0
+    res["tail_s"] = t0 + wall - marks["loop_end"]
+    res.update(acc)
+    # main_flush includes the read-back wait and the store of earlier batches.
+    res["main_flush_launch"] = (
+        acc.get("main_flush", 0.0) - acc.get("main_wait_readback", 0.0) - acc.get("main_store", 0.0)
+    )
+    res["loader_busy_threads"] = (acc.get("loader_read", 0) + acc.get("loader_to_device", 0)) / wall
+    res["gpu_forward_share"] = acc.get("forward_gpu", 0.0) / wall
+    res["gpu_span_s"] = span  # the part of the wall time in which batches ran
+    res["gpu_idle_in_span_s"] = span - busy
+    return res
+
+
 class _Src:
     """A validated-looking Source for the loader stage alone."""
 
@@ -164,6 +292,21 @@ def main(argv=None) -> dict:
     p.add_argument("--no-cache-runs", action="store_true", help="skip the runs with a cache")
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke run)")
     p.add_argument("--stages", action="store_true", help="time the pipeline's stages alone")
+    p.add_argument(
+        "--profile",
+        type=int,
+        nargs="*",
+        default=None,
+        help="instrumented runs with these compute.IN_FLIGHT values (e.g. 0 1), batch and "
+        "threads of the first --batch / --threads",
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="compute.IN_FLIGHT values for the end-to-end runs (0: the serial pipeline)",
+    )
     p.add_argument(
         "--switch-intervals",
         type=float,
@@ -264,15 +407,29 @@ def main(argv=None) -> dict:
                 print("stages (adapters/s):", {k: round(v, 1) for k, v in res["stages"].items()})
             except Exception as e:  # a diagnostic: never lose the end-to-end runs to it
                 print(f"stages failed: {type(e).__name__}: {e}")
+        if args.profile and cuda:
+            res["profile"] = []
+            for depth in args.profile:
+                for _ in range(2):
+                    row = profile(model, tok, probes, dirs, args.batch[0], args.threads[0], depth)
+                    res["profile"].append(row)
+                    print("profile:", {k: round(v, 3) for k, v in row.items()})
         runs = []
         ref, drift = None, 0.0  # every run must give the deltas of the first one
         default_interval = sys.getswitchinterval()
+        from llgbm_delta import compute
+
         settings = [
-            (b, i, t) for b in args.batch for i in args.switch_intervals for t in args.threads
+            (d, b, i, t)
+            for d in args.in_flight
+            for b in args.batch
+            for i in args.switch_intervals
+            for t in args.threads
         ]
-        for batch, interval, threads in settings:
+        for depth, batch, interval, threads in settings:
             kw = {"progress": False, "adapters_per_batch": batch}
             sys.setswitchinterval(interval or default_interval)
+            compute.IN_FLIGHT = depth
             for cached in (False,) if args.no_cache_runs else (False, True):
                 times = []
                 for r in range(args.repeats):
@@ -292,6 +449,7 @@ def main(argv=None) -> dict:
                         shutil.rmtree(cache)
                 secs = statistics.median(times)
                 row = {
+                    "in_flight": depth,
                     "adapters_per_batch": batch,
                     "switch_interval": sys.getswitchinterval(),
                     "loader_threads": threads,
@@ -304,13 +462,15 @@ def main(argv=None) -> dict:
                     row["pct_of_floor"] = 100 * row["adapters_per_s"] / floor
                 runs.append(row)
                 print(
-                    f"compute_deltas, batch {batch}, {threads} loader threads, switch interval "
+                    f"compute_deltas, in flight {depth}, batch {batch}, {threads} loader threads, "
+                    "switch interval "
                     f"{row['switch_interval'] * 1e3:g} ms, cache {row['cache']}: "
                     f"{row['adapters_per_s']:.1f} adapters/s "
                     f"(runs {', '.join(f'{len(dirs) / t:.1f}' for t in times)})"
                     + (f", {row['pct_of_floor']:.1f}% of the floor" if cuda else "")
                 )
         sys.setswitchinterval(default_interval)
+        compute.IN_FLIGHT = 1
         res["end_to_end"] = runs
         res["max_abs_diff_between_runs"] = drift
         res["max_abs_delta"] = float(abs(ref).max())

@@ -16,7 +16,10 @@ Terms, each added to the one before:
 - behaviour: + task-probe terms along the teacher's answer (llgbm_delta.behaviour): `--task-probes`
              prompts of `--prompt-len` tokens per adapter with `--answer-len` teacher answer
              tokens; hidden-state delta at the last layer on every answer position and the
-             forward KL to the teacher's top-`--top-k` next-token distribution there.
+             forward KL to the teacher's top-`--top-k` next-token distribution there. The
+             generic probes and the task sequences run through `delta_and_behaviour`, packed
+             into one forward (as training does) and, with `--packed on off`, also as two
+             forwards (the path before packing) for comparison.
 Each setting runs with the memory options: gradient checkpointing on/off and microbatching over
 adapters (`adapter_chunk_size`). Time per step: median of `--steps` steps after `--warmup`
 (CUDA-synchronised wall clock around forward + backward + AdamW step); peak memory from
@@ -65,6 +68,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--chunks", type=int, nargs="+", default=[0, 2], help="0: all adapters at once")
+    ap.add_argument(
+        "--packed",
+        nargs="+",
+        choices=("on", "off"),
+        default=["on", "off"],
+        help="behaviour steps with the probes and task sequences in one forward (on) or two",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -75,7 +85,7 @@ def main() -> None:
         encode_probes,
         generic_probes,
     )
-    from llgbm_delta.behaviour import behaviour_forward, sequence_batch
+    from llgbm_delta.behaviour import behaviour_forward, delta_and_behaviour, sequence_batch
     from llgbm_flora import LoraSpec
     from llgbm_flora.testing import random_batch
     from llgbm_train.generators import build_generator
@@ -132,10 +142,10 @@ def main() -> None:
         ).to(device)
         return g, torch.optim.AdamW(g.parameters(), lr=1e-5)
 
-    def step(g, opt, terms: str, ckpt: bool, chunk: int | None) -> dict[str, float]:
+    def step(g, opt, terms: str, ckpt: bool, chunk: int | None, packed: bool) -> dict:
         pred = g(cond, cmask).to(dtype=torch.float32)
         loss = weight_loss(pred, teachers, space="delta_w").value
-        if terms in ("delta", "behaviour"):
+        if terms == "delta":
             pd = delta_for_lora(
                 model,
                 None,
@@ -148,13 +158,22 @@ def main() -> None:
             )
             loss = loss + ((pd - t_delta) ** 2).mean()
         if terms == "behaviour":
-            out = behaviour_forward(
-                model, seqs, (-1,), pred, adapter_chunk_size=chunk, gradient_checkpointing=ckpt
+            pd, out = delta_and_behaviour(
+                model,
+                probes,
+                dspec,
+                seqs,
+                (-1,),
+                pred,
+                base=base_act,
+                adapter_chunk_size=chunk,
+                gradient_checkpointing=ckpt,
+                packed=packed,
             )
             m = seqs.select_mask
             hd = ((out.hidden - base_out.hidden - t_hidden_delta) ** 2)[m].mean()
             kl = kl_loss(out.logits, top_lp, m, top_ids=top_ids).value
-            loss = loss + hd + kl
+            loss = loss + ((pd - t_delta) ** 2).mean() + hd + kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -165,40 +184,45 @@ def main() -> None:
             torch.cuda.synchronize()
 
     rows = []
-    for terms in ("weight", "delta", "behaviour"):
-        for ckpt in (False, True):
-            for chunk in args.chunks:
-                if terms == "weight" and (ckpt or chunk):
-                    continue  # no forward through the base: the options change nothing
-                g, opt = make_generator()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                times = []
-                try:
-                    for i in range(args.warmup + args.steps):
-                        sync()
-                        t0 = time.perf_counter()
-                        step(g, opt, terms, ckpt, chunk or None)
-                        sync()
-                        if i >= args.warmup:
-                            times.append(time.perf_counter() - t0)
-                    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-                    row = {
-                        "terms": terms,
-                        "checkpointing": ckpt,
-                        "adapter_chunk": chunk or n,
-                        "ms_median": 1000 * statistics.median(times),
-                        "ms_min": 1000 * min(times),
-                        "ms_max": 1000 * max(times),
-                        "peak_gib": peak,
-                    }
-                except torch.cuda.OutOfMemoryError:
-                    row = {"terms": terms, "checkpointing": ckpt, "adapter_chunk": chunk or n,
-                           "oom": True}  # fmt: skip
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                del g, opt
+    settings = [("weight", False, 0, False)]
+    settings += [("delta", ckpt, chunk, False) for ckpt in (False, True) for chunk in args.chunks]
+    settings += [
+        ("behaviour", ckpt, chunk, packed == "on")
+        for packed in args.packed
+        for ckpt in (False, True)
+        for chunk in args.chunks
+    ]
+    for terms, ckpt, chunk, packed in settings:
+        g, opt = make_generator()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        key = {"terms": terms, "checkpointing": ckpt, "adapter_chunk": chunk or n}
+        if terms == "behaviour":
+            key["packed"] = packed
+        try:
+            for i in range(args.warmup + args.steps):
+                sync()
+                t0 = time.perf_counter()
+                step(g, opt, terms, ckpt, chunk or None, packed)
+                sync()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+            row = {
+                **key,
+                "ms_median": 1000 * statistics.median(times),
+                "ms_min": 1000 * min(times),
+                "ms_max": 1000 * max(times),
+                "ms_all": [1000 * t for t in times],
+                "peak_gib": peak,
+            }
+        except torch.cuda.OutOfMemoryError:
+            row = {**key, "oom": True}
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "ms_all"}), flush=True)
+        del g, opt
 
     gen_params = sum(p.numel() for p in make_generator()[0].parameters())
     meta = {
@@ -218,16 +242,19 @@ def main() -> None:
     w = min(r["ms_median"] for r in ok if r["terms"] == "weight")
     print(f"\ngenerator {gen_params / 1e6:.1f}M params; weight-only step {w:.1f} ms")
     print(
-        "| terms | checkpointing | adapters per forward | ms/step (median, min-max) | x weight-only | behaviour share | peak GiB |"
+        "| terms | packed | checkpointing | adapters per forward | ms/step (median, min-max) | x weight-only | behaviour share | peak GiB |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+        packed = {True: "yes", False: "no"}.get(r.get("packed"), "-")
         if r.get("oom"):
-            print(f"| {r['terms']} | {r['checkpointing']} | {r['adapter_chunk']} | OOM | | | |")
+            print(
+                f"| {r['terms']} | {packed} | {r['checkpointing']} | {r['adapter_chunk']} | OOM | | | |"
+            )
             continue
         share = (r["ms_median"] - w) / r["ms_median"]
         print(
-            f"| {r['terms']} | {r['checkpointing']} | {r['adapter_chunk']} | "
+            f"| {r['terms']} | {packed} | {r['checkpointing']} | {r['adapter_chunk']} | "
             f"{r['ms_median']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
             f"{r['ms_median'] / w:.2f} | {100 * share:.0f}% | {r['peak_gib']:.1f} |"
         )

@@ -198,3 +198,87 @@ def test_stack_pads_with_masked_positions(model, tok, adapter_dirs):
 def test_spec_rejects_bad_values(kwargs):
     with pytest.raises(DeltaSpecError):
         BehaviourSpec(**kwargs)
+
+
+def _packed_case(model, tok, seed: int):
+    """3 adapters (grads on), the generic probes, 2 task rows per adapter of varied lengths."""
+    from llgbm_delta import base_activation, encode_probes
+    from llgbm_delta.behaviour import sequence_batch
+    from llgbm_flora.testing import random_batch, tiny_spec
+
+    g = torch.Generator().manual_seed(seed)
+    spec = tiny_spec(model, rank=4, alpha=8)
+    lora = random_batch(spec, 3, seed=seed, scale=0.3)
+    for t in (*lora.A.values(), *lora.B.values()):
+        t.requires_grad_(True)
+    probes = encode_probes(tok, generic_probes())
+    vocab = model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in (7, 12) * 3]
+    answers = [torch.randint(3, vocab, (int(n),), generator=g).tolist() for n in (1, 5, 3) * 2]
+    seqs = sequence_batch(prompts, answers, "answer", pad_id=0)
+    return lora, probes, seqs, base_activation(model, None, probes)
+
+
+def _losses(d, out, seqs, target_d, target_h, target_lp):
+    from llgbm_delta.behaviour import kl_to_teacher
+
+    m = seqs.select_mask
+    ld = ((d - target_d) ** 2).mean()
+    lh = ((out.hidden - target_h) ** 2)[m].mean()
+    kl = kl_to_teacher(out.logits[m], target_lp[m]).mean()
+    return ld, lh, kl
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_packed_forward_gives_the_two_forwards_losses_and_gradients(model, tok, chunk):
+    """One fused forward over [probe rows; task rows] per adapter == delta_for_lora plus
+    behaviour_forward (the hooked HF path): deltas, hidden states, logits, each loss and the
+    gradients of their sum wrt every LoRA tensor, in float32; also with adapter chunks."""
+    from llgbm_delta import DeltaSpec
+    from llgbm_delta.behaviour import delta_and_behaviour, packed_unsupported
+
+    lora, probes, seqs, base = _packed_case(model, tok, seed=3)
+    spec = DeltaSpec()
+    assert packed_unsupported(model, probes, spec, seqs, (-1,), lora) is None
+    g = torch.Generator().manual_seed(4)
+    target_d = torch.randn(3, model.config.hidden_size, generator=g) * 0.1
+    target_h = torch.randn(6, seqs.select.shape[1], 1, model.config.hidden_size, generator=g)
+    target_lp = torch.log_softmax(
+        torch.randn(6, seqs.select.shape[1], model.config.vocab_size, generator=g), -1
+    )
+    results = {}
+    for packed in (False, True):
+        d, out = delta_and_behaviour(
+            model, probes, spec, seqs, (-1,), lora, base=base, adapter_chunk_size=chunk,
+            packed=packed,
+        )  # fmt: skip
+        losses = _losses(d, out, seqs, target_d, target_h, target_lp)
+        tensors = [*lora.A.values(), *lora.B.values()]
+        grads = torch.autograd.grad(sum(losses), tensors)
+        results[packed] = (d.detach(), out, [float(x.detach()) for x in losses], grads)
+    (d0, o0, l0, g0), (d1, o1, l1, g1) = results[False], results[True]
+    m = seqs.select_mask
+    torch.testing.assert_close(d1, d0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(o1.hidden[m], o0.hidden[m], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(o1.logits[m], o0.logits[m], atol=1e-5, rtol=1e-4)
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    assert all(float(x.abs().max()) > 0 for x in g0)  # every tensor gets a gradient
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_packing_falls_back_or_refuses_where_it_cannot_run(model, tok):
+    from llgbm_delta import DeltaSpec
+    from llgbm_delta.behaviour import delta_and_behaviour, packed_unsupported
+
+    lora, probes, seqs, base = _packed_case(model, tok, seed=5)
+    spec = DeltaSpec()
+    reason = packed_unsupported(model, probes, spec, seqs, (0, -1), lora)
+    assert reason is not None and "last" in reason
+    with pytest.raises(DeltaSpecError, match="cannot share a forward"):
+        delta_and_behaviour(model, probes, spec, seqs, (0, -1), lora, base=base, packed=True)
+    with torch.no_grad():
+        d, out = delta_and_behaviour(model, probes, spec, seqs, (0, -1), lora, base=base)
+        want = behaviour_forward(model, seqs, (0, -1), lora)
+    torch.testing.assert_close(out.hidden, want.hidden)
+    torch.testing.assert_close(d, delta_for_lora(model, None, lora, probes, spec, base=base))

@@ -79,11 +79,17 @@ def test_bad_fifth_adapter_fails_before_the_model_loads(
     assert len(DeltaCache(tmp_path / "c").entries()) == 4
 
 
+@pytest.mark.parametrize("in_flight", [False, True], ids=["serial", "in_flight"])
 def test_failure_mid_run_commits_the_batches_already_loaded(
-    base_dir, adapter_dirs, tmp_path, monkeypatch
+    base_dir, adapter_dirs, tmp_path, monkeypatch, request, in_flight
 ):
     """An adapter that breaks after validation (here: its file changes under us) stops the run,
-    but the adapters queued before it are computed and committed first."""
+    but the adapters queued before it are computed and committed first. In flight: batches of
+    one, read back as on CUDA, so batch 1 is still in flight when adapter 2 fails."""
+    batch = 8
+    if in_flight:
+        request.getfixturevalue("deferred")
+        batch = 1
     real = compute.read_adapter_data
 
     def flaky(layout, out):
@@ -95,7 +101,7 @@ def test_failure_mid_run_commits_the_batches_already_loaded(
     cache = DeltaCache(tmp_path / "c")
     with pytest.raises(AdapterError, match="input/output error"):
         compute_deltas(
-            base_dir, adapter_dirs[:4], cache=cache, adapters_per_batch=8, progress=False
+            base_dir, adapter_dirs[:4], cache=cache, adapters_per_batch=batch, progress=False
         )
     names = sorted(e.adapter_name for e in cache.entries())
     assert names == sorted(map(str, adapter_dirs[:2]))
@@ -176,6 +182,84 @@ def test_killed_run_keeps_its_finished_batches(base_dir, adapter_dirs, tmp_path)
     rerun = run_deltas(base_dir, adapter_dirs, cache=cache, progress=False)
     assert rerun.cached == [True, True, False, False, False]
     assert not [p for p in cache_dir.rglob("*.tmp")]
+
+
+# -- one forward in flight (as on CUDA) --------------------------------------------------------------
+
+
+class _Pending:
+    """Stands in for the CUDA event of a deferred read-back; `fail` makes waiting raise."""
+
+    fail = False
+
+    def synchronize(self):
+        if _Pending.fail:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Read-backs deferred as on CUDA (one forward in flight), on the CPU; logs launches and
+    commits in order."""
+    events: list[tuple[str, int]] = []
+    real_forward, real_store = compute.delta_for_lora, compute._Run._store
+
+    class Deferred(compute._Readback):
+        def __init__(self, d):
+            super().__init__(d)
+            self.event = _Pending()
+
+    def forward(*a, **k):
+        out = real_forward(*a, **k)
+        events.append(("launch", out.shape[0]))
+        return out
+
+    def store(self, group, d):
+        events.append(("commit", len(group)))
+        return real_store(self, group, d)
+
+    monkeypatch.setattr(compute, "_Readback", Deferred)
+    monkeypatch.setattr(compute, "delta_for_lora", forward)
+    monkeypatch.setattr(compute._Run, "_store", store)
+    monkeypatch.setattr(_Pending, "fail", False)
+    return events
+
+
+def test_one_forward_in_flight_commits_each_batch_after_the_next_launch(
+    model, tok, adapter_dirs, tmp_path, deferred
+):
+    same = [d for i, d in enumerate(adapter_dirs) if i != 3]  # one structure: batches of 1
+    serial = compute_deltas((model, tok), same, progress=False)
+    deferred.clear()
+    cache = DeltaCache(tmp_path / "c")
+    r = run_deltas((model, tok), same, cache=cache, adapters_per_batch=1, progress=False)
+    launches_then_commits = ["launch", "launch", "commit", "launch", "commit", "launch"]
+    assert [e for e, _ in deferred] == [*launches_then_commits, "commit", "commit"]
+    np.testing.assert_array_equal(r.deltas, serial)
+    assert r.n_computed == 4 and len(cache.entries()) == 4
+
+
+def test_device_error_at_read_back_fails_only_that_batch(
+    model, tok, adapter_dirs, monkeypatch, deferred
+):
+    """An asynchronous device error surfaces when a batch is waited for: with keep_going only
+    that batch fails; without, the run stops with it."""
+    same = [d for i, d in enumerate(adapter_dirs) if i != 3]
+    real = compute._Run._finish
+    calls = []
+
+    def finish(self, group, back):
+        calls.append(1)
+        _Pending.fail = len(calls) == 2  # the second batch's wait raises
+        return real(self, group, back)
+
+    monkeypatch.setattr(compute._Run, "_finish", finish)
+    r = run_deltas((model, tok), same, adapters_per_batch=2, progress=False, keep_going=True)
+    assert [f.name for f in r.failures] == [str(d) for d in same[2:]]
+    assert np.isfinite(r.deltas[:2]).all() and np.isnan(r.deltas[2:]).all()
+    calls.clear()
+    with pytest.raises(AdapterError, match="illegal memory access"):
+        compute_deltas((model, tok), same, adapters_per_batch=2, progress=False)
 
 
 # -- nothing to do: no forward --------------------------------------------------------------------

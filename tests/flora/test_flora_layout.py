@@ -54,6 +54,10 @@ def test_own_adapters_and_batches(dtype, tmp_path):
     ref = LoraBatch.from_adapters([load_adapter(p) for p in paths])
     _same(batch, ref)
     assert all(v.dtype == dtype for v in batch.A.values())
+    # A stays a view into the one stacked copy of the sections (no copy per key); B is copied.
+    storages = {v.untyped_storage().data_ptr() for v in batch.A.values()}
+    assert len(storages) == 1 and not any(v.is_contiguous() for v in batch.A.values())
+    assert all(v.is_contiguous() for v in batch.B.values())
 
 
 def test_batch_of_files_with_different_offsets(tmp_path):

@@ -271,3 +271,32 @@ def _spec():
         alpha=8.0,
         shapes=shapes,
     )
+
+
+def test_paper_delta_and_kl_share_one_forward_with_the_same_losses(
+    make_config, tmp_path, monkeypatch
+):
+    """With the paper's delta and the KL both on, each step runs the generic probes and the task
+    sequences in one packed forward (tiny Llama: the fused path); the logged losses and gradient
+    norms equal those of the two-forward path to float tolerance."""
+    import llgbm_delta.behaviour as B
+
+    cfg = make_config(
+        "training.delta_target=paper",
+        "training.lambda_kl=1.0",
+        "training.objective=delta_multi",
+        "behaviour.n_probes=4",
+        "behaviour.max_answer_tokens=6",
+        "training.steps=3",
+    )
+    packed_calls = []
+    real_packed = B._packed
+    monkeypatch.setattr(B, "_packed", lambda *a: packed_calls.append(1) or real_packed(*a))
+    packed = train(cfg, tmp_path / "packed", progress=False).run.read_metrics()
+    assert len(packed_calls) == 3
+    monkeypatch.setattr(B, "packed_unsupported", lambda *a: "forced off by the test")
+    two = train(cfg, tmp_path / "two", progress=False).run.read_metrics()
+    assert len(packed_calls) == 3
+    for a, b in zip(packed, two, strict=True):
+        for name in ("loss", "loss_d", "loss_kl", "loss_w", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-7), (name, a, b)

@@ -17,6 +17,10 @@ fixes the sequences, so a generated adapter is scored on the very tokens its tea
 (`behaviour_forward` on a target's `SequenceBatch`), and the base's hidden states on them are
 stored with the target. `teacher_targets` computes targets once per adapter and probe set;
 `BehaviourCache` (behaviour_cache.py) keeps them by content.
+
+Training that needs both the paper's delta on the generic probes and behaviour terms on task
+sequences calls `delta_and_behaviour`: on the fused (Llama-family) path both row sets go through
+one forward per adapter chunk instead of two; elsewhere it runs the two forwards.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from dataclasses import dataclass
 
 import torch
 from llgbm_flora import LoraAdapter, LoraBatch
+from llgbm_flora.fused import fused_hidden_states, fused_unsupported
 from torch import Tensor, nn
 
-from llgbm_delta.delta import backbone_forward
+from llgbm_delta.delta import ProbeBatch, backbone_forward, delta_for_lora, pool_tokens
+from llgbm_delta.delta import _as_batch as _probe_batch
 from llgbm_delta.errors import DeltaSpecError, ProbeError
 from llgbm_delta.probes import ProbeSet
+from llgbm_delta.spec import DeltaSpec
 
 # Bumped whenever what a BehaviourSpec computes changes, so old cache entries stop matching.
 BEHAVIOUR_VERSION = 1
@@ -239,6 +246,127 @@ def behaviour_forward(
             last = out.last_hidden_state[rows, batch.select]  # [R, K, H]
         out_logits = _fp32_up(_lm_head(model)(last))  # [R, K, V]
     return BehaviourOut(hidden, out_logits)
+
+
+def packed_unsupported(
+    model: nn.Module,
+    probes: ProbeBatch,
+    spec: DeltaSpec,
+    batch: SequenceBatch,
+    layers: Sequence[int],
+    lora: LoraAdapter | LoraBatch | None,
+) -> str | None:
+    """None if `delta_and_behaviour` can run the probes and `batch` in one forward, else why."""
+    if lora is None:
+        return "no adapters (the base runs each row set once anyway)"
+    n = len(lora) if isinstance(lora, LoraBatch) else 1
+    if batch.n_rows % n:
+        return f"{batch.n_rows} sequence rows is not a multiple of {n} adapters"
+    if tuple(layers) != (-1,) or spec.layer != -1:
+        return "layers other than the last (the fused path computes the last layer only)"
+    width = max(probes.input_ids.shape[1], batch.input_ids.shape[1])
+    reason = fused_unsupported(model, int(width))
+    if reason is not None:
+        return reason
+    mask = batch.attention_mask
+    if not bool((mask[:, 0] == 1).all() & (mask[:, 1:] <= mask[:, :-1]).all()):
+        return "sequence rows are not right-padded with at least one token"
+    return None
+
+
+def delta_and_behaviour(
+    model: nn.Module,
+    probes: ProbeBatch | ProbeSet,
+    spec: DeltaSpec,
+    batch: SequenceBatch,
+    layers: Sequence[int],
+    lora: LoraAdapter | LoraBatch,
+    *,
+    base: Tensor,
+    logits: bool = True,
+    adapter_chunk_size: int | None = None,
+    gradient_checkpointing: bool = False,
+    packed: bool | None = None,
+    tokenizer=None,
+) -> tuple[Tensor, BehaviourOut]:
+    """`delta_for_lora(model, None, lora, probes, spec, base=base)` and
+    `behaviour_forward(model, batch, layers, lora, logits=logits)`, differentiable. -> ([n, H],
+    BehaviourOut).
+
+    packed=None runs both row sets in one forward per adapter chunk when `packed_unsupported`
+    says it can (each adapter's probe rows, then its sequence rows, through the fused path), and
+    the two forwards otherwise; True requires packing, False never packs. Same values either way
+    (up to float rounding; tested). A ProbeSet is encoded with `tokenizer`.
+    """
+    probes = _probe_batch(tokenizer, probes, model)
+    reason = (
+        None if packed is False else packed_unsupported(model, probes, spec, batch, layers, lora)
+    )
+    if packed and reason is not None:
+        raise DeltaSpecError(
+            f"packed=True, but the probes and sequences cannot share a forward: {reason}"
+        )
+    if packed is False or reason is not None:
+        d = delta_for_lora(
+            model,
+            None,
+            lora,
+            probes,
+            spec,
+            base=base,
+            adapter_chunk_size=adapter_chunk_size,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        out = behaviour_forward(
+            model,
+            batch,
+            layers,
+            lora,
+            logits=logits,
+            adapter_chunk_size=adapter_chunk_size,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        return d, out
+    return _packed(
+        model, probes, spec, batch, lora, base, logits, adapter_chunk_size, gradient_checkpointing
+    )
+
+
+def _packed(model, probes, spec, batch, lora, base, logits, chunk, checkpointing):
+    """One fused forward per adapter chunk over [probe rows; sequence rows] per adapter."""
+    n = len(lora) if isinstance(lora, LoraBatch) else 1
+    P, Q = probes.n_probes, batch.n_rows // n
+    p_ids, p_len = probes.right_padded()  # [P, Tp], [P]
+    s_len = batch.attention_mask.sum(-1)  # [R]
+    width = max(p_ids.shape[1], batch.input_ids.shape[1])
+    p_ids = torch.nn.functional.pad(p_ids, (0, width - p_ids.shape[1]))  # [P, T]
+    s_ids = torch.nn.functional.pad(batch.input_ids, (0, width - batch.input_ids.shape[1]))
+    step = n if chunk is None else max(1, chunk)
+    deltas, hidden, out_logits = [], [], []
+    for a0 in range(0, n, step):
+        k = min(step, n - a0)
+        sub = lora if isinstance(lora, LoraAdapter) or k == n else lora[a0 : a0 + k]
+        rows = slice(a0 * Q, (a0 + k) * Q)
+        ids = torch.cat([p_ids.expand(k, P, width), s_ids[rows].view(k, Q, width)], 1).view(
+            k * (P + Q), width
+        )
+        lengths = torch.cat([p_len.expand(k, P), s_len[rows].view(k, Q)], 1).view(-1)
+        h = fused_hidden_states(
+            model, sub, ids, lengths=lengths, gradient_checkpointing=checkpointing
+        ).view(k, P + Q, width, -1)  # [k, P+Q, T, H] final-norm hidden states
+        hp = h[:, :P].reshape(k * P, width, -1)
+        mask = torch.arange(width, device=ids.device) < p_len.repeat(k).unsqueeze(1)  # [k*P, T]
+        v = pool_tokens(hp, mask.long(), spec.token).view(k, P, -1).mean(1)  # [k, H]
+        deltas.append(v - base.to(v.device, v.dtype))
+        hs = h[:, P:].reshape(k * Q, width, -1)  # [k*Q, T, H]
+        r = torch.arange(k * Q, device=ids.device)[:, None]
+        g = hs[r, batch.select[rows]]  # [k*Q, K, H]
+        hidden.append(_fp32_up(g)[:, :, None])  # [k*Q, K, 1, H]
+        if logits:
+            out_logits.append(_fp32_up(_lm_head(model)(g)))  # [k*Q, K, V]
+    return torch.cat(deltas), BehaviourOut(
+        torch.cat(hidden), torch.cat(out_logits) if logits else None
+    )
 
 
 @torch.no_grad()

@@ -17,7 +17,9 @@ and LoraAdapter objects. The work is ordered so that nothing is wasted:
 3. the base model loads at the first miss; misses go through `delta_for_lora` in batches of
    `adapters_per_batch` adapters of one structure (full checkpoints one at a time, through the
    same `activations`), and each finished batch is committed to the cache at once, so an
-   interruption or a failing adapter loses at most the batch in flight.
+   interruption or a failing adapter loses at most the batches in flight. On an accelerator
+   one forward is kept in flight: batch k+1 is launched before batch k's deltas are read back
+   and committed, so the device does not wait for the host's read-back, commit and next cut.
 
 `method="peft"` is the reference path (one PeftModel, load/set/delete adapter per adapter,
 `disable_adapter()` for the base), kept to test the fast path against. Whenever a forward ran,
@@ -86,6 +88,9 @@ METHODS = ("flora", "peft")
 # fingerprint, checked too, is exact.
 DRIFT_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DRIFT_TOL_DEFAULT = 1e-5
+# Forwards launched but not yet read back and committed, at most (1: batch k is read back after
+# batch k+1 was launched; 0: each batch is read back before the next one is cut).
+IN_FLIGHT = 1
 
 
 @dataclass
@@ -260,6 +265,7 @@ class _Run:
         self.failures: list[DeltaFailure] = []
         self.pending: dict[object, list[tuple[int, LoraAdapter, str]]] = {}
         self.runner: _PeftRunner | None = None
+        self.inflight: deque[tuple[list, _Readback]] = deque()
         self.base_v = None
         self.batch: ProbeBatch | None = None
         n_problems = len(cache.problems) if cache is not None else 0
@@ -321,6 +327,17 @@ class _Run:
 
     # -- the loop ----------------------------------------------------------------------
     def _loop(self, sources: list[Source | None], memo_new: dict) -> None:
+        try:
+            self._loop_items(sources, memo_new)
+            for group in list(self.pending.values()):
+                self._flush(group)
+            self.pending.clear()
+            self._drain()
+        except BaseException:
+            self._drain(best_effort=True)  # commit the batches that finished, then re-raise
+            raise
+
+    def _loop_items(self, sources: list[Source | None], memo_new: dict) -> None:
         valid = [i for i, s in enumerate(sources) if s is not None]
         threads = self.loader_threads
         if threads is None:
@@ -362,9 +379,6 @@ class _Run:
                 group.append((i, adapter, h))
                 if len(group) >= self.adapters_per_batch:
                     self._flush(self.pending.pop(adapter.spec.structure))
-        for group in list(self.pending.values()):
-            self._flush(group)
-        self.pending.clear()
 
     def _key_of(self, adapter_hash: str) -> str:
         return entry_key(
@@ -399,7 +413,8 @@ class _Run:
             )
 
     def _flush(self, group: list[tuple[int, LoraAdapter, str]]) -> None:
-        """One forward for a group of adapters of one structure; commits its deltas."""
+        """Launch one forward for a group of adapters of one structure; its deltas are read back
+        and committed once `IN_FLIGHT` later forwards are launched (or at the end)."""
         model, tokenizer = self.base.model, self.base.tokenizer
         try:
             with torch.inference_mode():
@@ -414,13 +429,45 @@ class _Run:
                     adapter_chunk_size=self.adapter_chunk_size,
                     compile=self.use_compile,
                 )  # [len(group), H]
-            d = d.cpu().numpy()
+                back = _Readback(d)
+            del lora, d
         except (RuntimeError, ValueError) as e:
-            for i, _, _ in group:
-                self._fail(i, AdapterError(f"{self.names[i]}: delta computation failed ({e})"))
-                self._tick("failed")
+            self._fail_group(group, e)
+            return
+        self.inflight.append((group, back))
+        depth = IN_FLIGHT if back.event is not None else 0  # on CPU the forward is done already
+        while len(self.inflight) > depth:
+            self._finish(*self.inflight.popleft())
+
+    def _finish(self, group, back: _Readback) -> None:
+        """Wait for one launched forward, then keep and commit its deltas."""
+        try:
+            d = back.numpy()
+        except RuntimeError as e:  # an asynchronous device error surfaces here
+            self._fail_group(group, e)
             return
         self._store(group, d)
+
+    def _drain(self, best_effort: bool = False) -> None:
+        """Read back and commit every forward in flight (`best_effort`: while another error
+        propagates; a failure here is logged, never raised over it)."""
+        while self.inflight:
+            group, back = self.inflight.popleft()
+            if not best_effort:
+                self._finish(group, back)
+                continue
+            keep, self.keep_going = self.keep_going, True
+            try:
+                self._finish(group, back)
+            except Exception as e:  # the error already propagating wins
+                log.warning("could not commit a finished batch while stopping: %s", e)
+            finally:
+                self.keep_going = keep
+
+    def _fail_group(self, group, e: Exception) -> None:
+        for i, _, _ in group:
+            self._fail(i, AdapterError(f"{self.names[i]}: delta computation failed ({e})"))
+            self._tick("failed")
 
     def _checkpoint(self, i: int, src: Source, h: str) -> None:
         """A full fine-tuned model: v(checkpoint) - v(base), the same `activations`."""
@@ -472,7 +519,8 @@ class _Run:
         log.info("skipped: %s", err)
 
     def _commit_pending(self) -> None:
-        """Before stopping on a bad adapter: compute and commit the batches already loaded."""
+        """Before stopping on a bad adapter: compute and commit the batches already loaded
+        and those in flight."""
         groups, self.pending = list(self.pending.values()), {}
         if self.base_v is None:
             return
@@ -480,6 +528,7 @@ class _Run:
         try:
             for group in groups:
                 self._flush(group)
+            self._drain()
         finally:
             self.keep_going = False
 
@@ -500,6 +549,26 @@ class _Run:
                 ),
                 stacklevel=4,
             )
+
+
+class _Readback:
+    """A batch's deltas on their way to the host: on CUDA an asynchronous copy into pinned
+    memory and its event, so launching the next forward does not wait for this one."""
+
+    def __init__(self, d: torch.Tensor):
+        self.event = None
+        if d.device.type == "cuda":
+            self.host = torch.empty(d.shape, dtype=d.dtype, pin_memory=True)
+            self.host.copy_(d, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(d.device))
+        else:
+            self.host = d.cpu()
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL: the loader threads keep reading
+        return self.host.numpy()
 
 
 @dataclass

@@ -254,6 +254,17 @@ def adapter_from_data(layout: AdapterLayout, data: Tensor) -> LoraAdapter:
     return LoraAdapter(layout.spec, parts["A"], parts["B"], parts["M"] or None)
 
 
+def _cut(rows: Tensor, lo: int, hi: int, dtype, shape, view: bool) -> Tensor:
+    """rows[:, lo:hi] as [n, *shape] of `dtype`: a strided view where the byte offsets allow it
+    (`view`), else one contiguous copy."""
+    part = rows[:, lo:hi]
+    if view:
+        size = torch.empty((), dtype=dtype).element_size()
+        if lo % size == 0 and rows.stride(0) % size == 0:
+            return part.view(dtype).view(rows.shape[0], *shape)
+    return part.contiguous().view(dtype).view(rows.shape[0], *shape)
+
+
 def batch_from_data(layouts: list[AdapterLayout], data: list[Tensor]) -> LoraBatch:
     """One LoraBatch from read data sections (all on one device), one stacking copy per key.
 
@@ -277,10 +288,12 @@ def batch_from_data(layouts: list[AdapterLayout], data: list[Tensor]) -> LoraBat
     parts: dict[str, dict[LoraKey, Tensor]] = {"A": {}, "B": {}, "M": {}}
     if all(lay.tensors == first.tensors and lay.nbytes == first.nbytes for lay in layouts):
         # One file layout (the usual case): stack the whole sections once, then cut per key
-        # (one copy kernel per key, no per-adapter slicing in Python).
+        # (no per-adapter slicing in Python). A is left a strided view into the stack (every
+        # consumer reads it through a copy anyway: the fused path concatenates each group's A),
+        # saving one copy kernel per key; B and M get one copy kernel each.
         rows = torch.stack([d[: first.nbytes] for d in data])  # [n, nbytes]
         for part, key, dtype, shape, lo, hi in first.tensors:
-            parts[part][key] = rows[:, lo:hi].contiguous().view(dtype).view(n, *shape)
+            parts[part][key] = _cut(rows, lo, hi, dtype, shape, view=part == "A")
         return LoraBatch(first.spec, parts["A"], parts["B"], parts["M"] or None)
     for t, (part, key, dtype, shape, _, _) in enumerate(first.tensors):
         rows = [d[lay.tensors[t][4] : lay.tensors[t][5]] for lay, d in zip(layouts, data)]

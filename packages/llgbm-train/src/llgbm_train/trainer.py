@@ -571,7 +571,30 @@ def train(
                 contextlib.nullcontext() if need_grad else torch.no_grad(),
                 autocast(cfg, setup.device),
             ):
-                if tc.delta_target == "paper":
+                chunk = cfg.model.adapter_chunk_size
+                ckpt = cfg.model.gradient_checkpointing
+                if setup.behaviour is not None:
+                    seqs, bt = behaviour_rows(setup, local, probe_pick)
+                if tc.delta_target == "paper" and setup.behaviour is not None:
+                    from llgbm_delta.behaviour import delta_and_behaviour
+
+                    # The generic probes and the task sequences share one forward where the
+                    # fused path allows (docs/benchmarks.md: the paper-size step).
+                    pd, out = delta_and_behaviour(
+                        setup.model,
+                        setup.probes,
+                        setup.delta_spec,
+                        seqs,
+                        cfg.behaviour.layers,
+                        pred,
+                        base=base_act,
+                        logits="logprobs" in bt,
+                        adapter_chunk_size=chunk,
+                        gradient_checkpointing=ckpt,
+                        tokenizer=setup.tokenizer,
+                    )  # [b, hidden]; hidden [b*P, K, L, H], logits [b*P, K, V]
+                    pd = pd / setup.delta_scale
+                elif tc.delta_target == "paper":
                     from llgbm_delta import delta_for_lora
 
                     pd = (
@@ -582,23 +605,22 @@ def train(
                             setup.probes,
                             setup.delta_spec,
                             base=base_act,
-                            adapter_chunk_size=cfg.model.adapter_chunk_size,
-                            gradient_checkpointing=cfg.model.gradient_checkpointing,
+                            adapter_chunk_size=chunk,
+                            gradient_checkpointing=ckpt,
                         )
                         / setup.delta_scale
                     )  # [b, hidden]
-                if setup.behaviour is not None:
+                elif setup.behaviour is not None:
                     from llgbm_delta.behaviour import behaviour_forward
 
-                    seqs, bt = behaviour_rows(setup, local, probe_pick)
                     out = behaviour_forward(
                         setup.model,
                         seqs,
                         cfg.behaviour.layers,
                         pred,
                         logits="logprobs" in bt,
-                        adapter_chunk_size=cfg.model.adapter_chunk_size,
-                        gradient_checkpointing=cfg.model.gradient_checkpointing,
+                        adapter_chunk_size=chunk,
+                        gradient_checkpointing=ckpt,
                     )  # hidden [b*P, K, L, H], logits [b*P, K, V]
             if tc.delta_target == "paper":
                 ld = delta_loss(
