@@ -207,3 +207,68 @@ def test_t2l_condition_standardisation_separates_near_parallel_conditions(spec):
     assert off.cond_shift.abs().max() == 0 and (off.cond_scale == 1).all()
     with pytest.raises(GeneratorError, match="fit_condition"):
         gen.fit_condition(pooled[:1])
+
+
+def test_within_whitening_separates_tasks_the_per_feature_scaling_confuses(spec):
+    """Two tasks differ along one direction of small total variance, while a noisy input
+    direction varies more than anything else: after per-feature scaling a nearest-centroid read
+    confuses them; after within-task whitening the within-task scatter is the identity (up to the
+    shrinkage) and the tasks separate. The fit travels in the state dict; an old state dict
+    without cond_whiten loads as the identity."""
+    from llgbm_train.generators.t2l import WITHIN_SHRINKAGE, within_whitening
+
+    g = torch.Generator().manual_seed(5)
+    per_task, n_tasks = 24, 2
+    groups = torch.arange(n_tasks).repeat_interleave(per_task)
+    # Mixed coordinates: the task signal (0.3 apart) and the input noise (std 3) share features.
+    basis = torch.linalg.qr(torch.randn(COND_DIM, COND_DIM, generator=g))[0]
+    latent = 0.05 * torch.randn(len(groups), COND_DIM, generator=g)
+    latent[:, 0] += 3.0 * torch.randn(len(groups), generator=g)  # input noise
+    latent[:, 1] += 0.3 * groups.float()  # the task
+    pooled = latent @ basis.T
+
+    shift, w = within_whitening(pooled, groups)
+    z = (pooled - shift) @ w
+    means = torch.stack([z[groups == k].mean(0) for k in range(n_tasks)])
+    within = z - means[groups]
+    scatter = within.T @ within / (len(groups) - n_tasks)
+    eigs = torch.linalg.eigvalsh(scatter)
+    # Each within-task variance v becomes v / (v + ridge): the noise direction's 9 is 1, no
+    # longer 3,600x the task direction's.
+    raw_within = pooled - torch.stack([pooled[groups == k].mean(0) for k in range(n_tasks)])[groups]
+    raw = torch.linalg.eigvalsh(raw_within.T @ raw_within / (len(groups) - n_tasks))
+    ridge = WITHIN_SHRINKAGE * float(raw.mean())
+    torch.testing.assert_close(eigs, raw / (raw + ridge), atol=1e-4, rtol=1e-3)
+
+    def read_right(x):
+        cen = torch.stack([x[groups == k].mean(0) for k in range(n_tasks)])
+        return float((torch.cdist(x, cen).argmin(1) == groups).float().mean())
+
+    s = (pooled - pooled.mean(0)) / pooled.std(0)
+    assert read_right(s) < 0.8  # the per-feature scaling: noise dominates
+    assert read_right(z) == 1.0
+
+    gen = make(
+        spec, {**CASES["t2l-raw"], "kw": {**CASES["t2l-raw"]["kw"], "standardize": "within"}}
+    )
+    with pytest.raises(GeneratorError, match="needs each condition's task"):
+        gen.fit_condition(pooled)
+    gen.fit_condition(pooled, groups)
+    torch.testing.assert_close(gen.cond_whiten, w)
+    cond = pooled[:2, None, None].expand(2, N_PROMPTS, MAX_TOKENS, COND_DIM).contiguous()
+    mask = torch.ones(2, N_PROMPTS, MAX_TOKENS, dtype=torch.bool)
+    out = gen(cond, mask)
+    fresh = make(
+        spec, {**CASES["t2l-raw"], "kw": {**CASES["t2l-raw"]["kw"], "standardize": "within"}}
+    )
+    fresh.load_state_dict(gen.state_dict())
+    torch.testing.assert_close(fresh(cond, mask).A[(0, "q_proj")], out.A[(0, "q_proj")])
+    # A checkpoint from before the within mode: no cond_whiten, read as the identity.
+    feat = make(spec, CASES["t2l-raw"])
+    old = {k: v for k, v in feat.state_dict().items() if k != "cond_whiten"}
+    feat.load_state_dict(old)
+    assert torch.equal(feat.cond_whiten, torch.eye(COND_DIM))
+    with pytest.raises(GeneratorError, match="one condition"):
+        within_whitening(pooled[:2], torch.tensor([0, 1]))
+    with pytest.raises(GeneratorError, match="standardize"):
+        make(spec, {**CASES["t2l-raw"], "kw": {**CASES["t2l-raw"]["kw"], "standardize": "lda"}})

@@ -127,6 +127,44 @@ def test_delta_w_norms_match_dense(make_config):
         torch.testing.assert_close(mean.delta_weight(key), want, rtol=1e-4, atol=1e-5)
 
 
+def test_within_standardisation_is_fitted_per_task_by_prepare(test_world_dir, tmp_path):
+    """prepare fits the "within" whitening on FIT_CONDITIONS_PER_TASK_WITHIN conditions of each
+    training task: re-drawn the same way, their whitened within-task scatter has eigenvalues
+    v / (v + ridge) <= 1 (identity up to the shrinkage), and training steps run through it."""
+    import numpy as np
+    from llgbm_train.generators.t2l import WITHIN_SHRINKAGE
+    from llgbm_train.trainer import FIT_CONDITIONS_PER_TASK_WITHIN, prepare
+    from train_world import small_config
+
+    cfg = small_config(
+        test_world_dir,
+        tmp_path / "runs",
+        "generator.options={hidden: 32, emb_dim: 8, standardize: within}",
+    )
+    setup = prepare(cfg, progress=False)
+    gen = setup.generator
+    assert gen.standardize_mode == "within"
+    assert not torch.allclose(gen.cond_whiten, torch.eye(gen.cond_dim))
+    rng = np.random.default_rng(0)
+    tasks = sorted(setup.data.prompts)
+    per = FIT_CONDITIONS_PER_TASK_WITHIN
+    conds = [
+        D.draw_prompts(rng, setup.data.prompts[t], cfg.generator.n_prompts)
+        for t in tasks
+        for _ in range(per)
+    ]
+    states, mask = setup.encoder.encode(conds)
+    pooled = gen.pool(states, mask)
+    z = (pooled - gen.cond_shift) @ gen.cond_whiten
+    groups = torch.arange(len(tasks)).repeat_interleave(per)
+    within = z - torch.stack([z[groups == k].mean(0) for k in range(len(tasks))])[groups]
+    eigs = torch.linalg.eigvalsh(within.T.double() @ within.double() / (len(z) - len(tasks)))
+    assert float(eigs.max()) <= 1.0 + 1e-4
+    assert float(eigs.max()) > 1.0 / (1.0 + WITHIN_SHRINKAGE) - 1e-3  # the largest direction
+    result = train(cfg, tmp_path / "within", progress=False)
+    assert result.generator.standardize_mode == "within"
+
+
 @pytest.mark.slow
 def test_trained_generator_beats_untrained_on_heldout_delta(test_world_dir, tmp_path):
     """Done-when of issue 5, on the worlds package's test preset (held-out variants + family)."""

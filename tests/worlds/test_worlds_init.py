@@ -63,3 +63,36 @@ def test_resuming_with_the_other_init_is_refused(tmp_path, tiny_world_dir, finis
     with pytest.raises(BuildError, match="zoo init 'shared', this build uses 'independent'"):
         build_world("tiny", out, preset="test", init="independent", threads=THREADS)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_weight_cosines_delta_w_equals_dense_delta_w(tiny_world):
+    """The delta-W cosines come from r x r Gram products; they equal the cosines of dense B @ A
+    (what the quality report used to form, ~100 GB for the smollm2 zoo)."""
+    import numpy as np
+    from llgbm_flora import load_adapter
+
+    teachers = [t for t in tiny_world.teachers if t.kind == "single"][:6]
+    got = weight_cosines(teachers)["delta_w"]
+    dense = []
+    for t in teachers:
+        a = load_adapter(t.path)
+        dense.append(
+            np.concatenate([a.delta_weight(k).double().flatten().numpy() for k in a.spec.keys()])  # noqa: SIM118
+        )
+    x = np.stack(dense)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cos = x @ x.T
+    by: dict[str, list[float]] = {"same_run": [], "same_task": [], "different_tasks": []}
+    for i in range(len(teachers)):
+        for j in range(i + 1, len(teachers)):
+            a, b = teachers[i], teachers[j]
+            key = (
+                "different_tasks"
+                if a.task != b.task
+                else ("same_run" if a.data_split == b.data_split else "same_task")
+            )
+            by[key].append(cos[i, j])
+    for key, vals in by.items():
+        if vals:
+            assert got[key] == pytest.approx(float(np.mean(vals)), abs=1e-9)
+    assert any(by.values())

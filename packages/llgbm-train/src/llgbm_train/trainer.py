@@ -267,8 +267,10 @@ def prepare(cfg: Config, *, device: torch.device | None = None, progress: bool =
     )
 
 
-# Conditions drawn per training task to fit the generator's condition standardisation.
+# Conditions drawn per training task to fit the generator's condition standardisation; the
+# "within" whitening estimates a D x D within-task scatter and draws more.
 FIT_CONDITIONS_PER_TASK = 4
+FIT_CONDITIONS_PER_TASK_WITHIN = 16
 
 
 @torch.no_grad()
@@ -283,16 +285,19 @@ def fit_condition(cfg: Config, generator, encoder, prompts: dict[str, list[str]]
         return
     rng = np.random.default_rng(0)
     n = cfg.generator.n_prompts
-    conds = [
-        D.draw_prompts(rng, prompts[t], n)
-        for t in sorted(prompts)
-        for _ in range(FIT_CONDITIONS_PER_TASK)
-    ]
+    within = getattr(generator, "standardize_mode", None) == "within"
+    per_task = FIT_CONDITIONS_PER_TASK_WITHIN if within else FIT_CONDITIONS_PER_TASK
+    tasks = sorted(prompts)
+    conds = [D.draw_prompts(rng, prompts[t], n) for t in tasks for _ in range(per_task)]
     pooled = []
     for i in range(0, len(conds), 32):
         states, mask = encoder.encode(conds[i : i + 32])  # [c, N, L, D], [c, N, L]
         pooled.append(generator.pool(states.to(device), mask.to(device)))
-    fit(torch.cat(pooled))
+    if within:
+        groups = torch.arange(len(tasks), device=device).repeat_interleave(per_task)
+        fit(torch.cat(pooled), groups)
+    else:
+        fit(torch.cat(pooled))
 
 
 def behaviour_tensors(

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from llgbm_worlds.show import summary
 from llgbm_worlds.world import World
@@ -61,11 +62,7 @@ def _flat_parts(path: Path) -> dict[str, np.ndarray]:
     a = load_adapter(path)
     order = a.spec.keys()  # LoraSpec.keys(): (layer, module) pairs in a stable order
     flat = lambda ts: np.concatenate([t.detach().float().flatten().numpy() for t in ts])  # noqa: E731
-    return {
-        "A": flat(a.A[k] for k in order),
-        "B": flat(a.B[k] for k in order),
-        "delta_w": flat(a.delta_weight(k) for k in order),
-    }
+    return {"A": flat(a.A[k] for k in order), "B": flat(a.B[k] for k in order)}
 
 
 def flat_weights(paths: list[Path]) -> np.ndarray:
@@ -78,13 +75,24 @@ def weight_cosines(teachers: list) -> dict[str, dict[str, float]]:
 
     ``same_run``: two checkpoints of one run; ``same_task``: runs of one task on other data
     splits; ``different_tasks``: everything else. ``teachers``: TeacherInfo rows of one world.
+    The delta-W cosines come from llgbm-flora's Gram (r x r products), never from dense B @ A: a
+    real model's delta-W is ~10^8 numbers per adapter (the smollm2 zoo's would need ~100 GB).
     """
-    parts = [_flat_parts(t.path) for t in teachers]
+    from llgbm_flora import LoraBatch, load_adapter
+    from llgbm_flora.algebra import gram
+
+    batch = LoraBatch.from_adapters([load_adapter(t.path) for t in teachers])
+    order = batch.spec.keys()
+    flat = {
+        "A": torch.cat([batch.A[k].flatten(1) for k in order], dim=1),
+        "B": torch.cat([batch.B[k].flatten(1) for k in order], dim=1),
+    }
+    grams = {name: x.double() @ x.double().T for name, x in flat.items()}
+    grams["delta_w"] = gram(batch.to(dtype=torch.float64))
+    cosines = {k: 1.0 - cosine_distances_from_gram(g.numpy()) for k, g in grams.items()}
     out: dict[str, dict[str, float]] = {}
     for name in ("A", "B", "delta_w"):
-        x = np.stack([p[name] for p in parts]).astype(np.float64)  # [n, d]
-        x /= np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
-        cos = x @ x.T  # [n, n]
+        cos = cosines[name]  # [n, n]
         groups: dict[str, list[float]] = {"same_run": [], "same_task": [], "different_tasks": []}
         for i in range(len(teachers)):
             for j in range(i + 1, len(teachers)):

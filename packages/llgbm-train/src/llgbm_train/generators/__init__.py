@@ -51,8 +51,9 @@ def build_generator(
       n_tokens over the first n_blocks-1 blocks; else the n_blocks-1 intermediate channel
       counts), max_group_channels (64: grouped convs above that many channels).
       Needs `weight_tokenizer`. Conditions must have exactly n_prompts and max_tokens.
-    t2l kwargs: hidden (256), emb_dim (32), head_rank (None: full heads), standardize (True:
-      the pooled condition standardised over the training conditions). Uses the tokenizer's
+    t2l kwargs: hidden (256), emb_dim (32), head_rank (None: full heads), standardize ("features"
+      or True: per feature; "within": whitened by the within-task scatter; "none" or False:
+      as pooled; fitted on the training conditions). Uses the tokenizer's
       normalised tokens as its output space when `weight_tokenizer` is given, raw A/B otherwise;
       accepts any number of prompts and tokens.
     """
