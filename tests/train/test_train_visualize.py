@@ -95,3 +95,44 @@ def test_visualize_refuses_what_is_neither_run_nor_world(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "neither a run (config.yaml) nor a world" in err
     assert err.count("\n") == 1
+
+
+def test_run_maps_read_the_evaluations_stored_deltas(test_world_run, tmp_path, capsys, monkeypatch):
+    """The generated points come from eval/deltas.safetensors when its probes and delta spec are
+    the run's (no forward of the generated adapters); a damaged or mismatched file is recomputed,
+    with a note, and gives the same points."""
+    import llgbm_delta
+    from llgbm_train import visualize as V
+    from llgbm_train.evaluate import load_generated_deltas
+    from llgbm_train.runs import Run
+    from safetensors.numpy import save_file
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(test_world_run, run_dir)
+    run = Run(run_dir)
+    cfg, gen = run.config(), V.generated_adapters(run)
+    stored_path = run_dir / "eval" / "deltas.safetensors"
+    stored, header = load_generated_deltas(stored_path)
+    assert set(gen) <= set(stored)
+
+    computed = V.collect_deltas(cfg, gen, progress=False)  # no stored file given: computed
+    calls = []
+    real = llgbm_delta.compute_deltas
+    monkeypatch.setattr(
+        llgbm_delta, "compute_deltas", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    read = V.collect_deltas(cfg, gen, stored=stored_path, progress=False)
+    assert calls == []
+    n_gen = len(gen)
+    np.testing.assert_array_equal(read.deltas[-n_gen:], np.stack([stored[t] for t in gen]))
+    np.testing.assert_allclose(read.deltas[-n_gen:], computed.deltas[-n_gen:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(read.deltas[:-n_gen], computed.deltas[:-n_gen])
+
+    # Another probe set's file: recomputed, with a note.
+    save_file(stored, str(stored_path), metadata={**header, "probe_hash": "0" * 16})
+    again = V.collect_deltas(cfg, gen, stored=stored_path, progress=False)
+    assert calls == [1] and "other probes" in capsys.readouterr().err
+    np.testing.assert_allclose(again.deltas, computed.deltas, rtol=1e-5, atol=1e-6)
+    stored_path.write_bytes(b"not safetensors")
+    V.collect_deltas(cfg, gen, stored=stored_path, progress=False)
+    assert calls == [1, 1] and "unreadable" in capsys.readouterr().err

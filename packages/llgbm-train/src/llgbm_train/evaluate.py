@@ -598,6 +598,30 @@ def save_generated_deltas(setup: Setup, deltas: dict[str, torch.Tensor], path: P
     save_file(tensors, str(path), metadata=meta)
 
 
+def load_generated_deltas(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(task -> delta [hidden] float32, header) of a file ``save_generated_deltas`` wrote.
+
+    Raises EvalError, one line, when it is unreadable or not such a file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            header = dict(f.metadata() or {})
+            deltas = {k: np.asarray(f.get_tensor(k), np.float32).reshape(-1) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as e:
+        raise EvalError(
+            f"{path}: unreadable ({type(e).__name__}); `llgbm evaluate` rewrites it"
+        ) from None
+    if header.get("format") != GENERATED_DELTAS_FORMAT or not {"probe_hash", "spec_hash"} <= set(
+        header
+    ):
+        raise EvalError(
+            f"{path}: not an llgbm generated-deltas file (format {header.get('format')})"
+        )
+    return deltas, header
+
+
 def _adapter_dir(root: Path, task: str) -> Path:
     """``root/<task>``, refusing a task name that would leave ``root``."""
     from llgbm_flora.names import check_name

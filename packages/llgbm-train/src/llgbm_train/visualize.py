@@ -13,13 +13,16 @@ A run gives:
   method with its 95% bootstrap interval, pooled and per task.
 
 Deltas are the run's (or, for a world, the default config's: generic probes, last token) from
-the world's delta cache; generated adapters' deltas are computed without touching that cache.
+the world's delta cache; generated adapters' deltas are read from the evaluation's
+``eval/deltas.safetensors`` when its probes and delta spec are the run's, else computed (never
+written into that cache).
 The maps show directions (rows scaled to unit norm: the cosine geometry Delta Activations uses).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,8 +73,42 @@ def _world_config(world_dir: Path):
     )
 
 
-def collect_deltas(cfg, generated: dict[str, Path], *, progress: bool = True) -> DeltaPoints:
-    """Deltas of every teacher of ``cfg``'s world (cached) and of the ``generated`` adapters."""
+def _stored_generated(path: Path | None, probes, spec, tasks: list[str]) -> np.ndarray | None:
+    """The ``tasks``' rows of an evaluation's ``eval/deltas.safetensors`` when it was computed
+    with these probes and delta spec and holds every task; else None (a note says why)."""
+    from llgbm_train.evaluate import EvalError, load_generated_deltas
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored, header = load_generated_deltas(path)
+    except EvalError as e:
+        print(f"note: {e}; computing the generated deltas again", file=sys.stderr)
+        return None
+    if (header["probe_hash"], header["spec_hash"]) != (probes.hash, spec.hash):
+        print(
+            f"note: {path}: made with other probes or delta spec; computing the generated deltas",
+            file=sys.stderr,
+        )
+        return None
+    missing = [t for t in tasks if t not in stored]
+    if missing:
+        print(
+            f"note: {path}: no delta for {missing[0]}; computing the generated deltas",
+            file=sys.stderr,
+        )
+        return None
+    return np.stack([stored[t] for t in tasks])
+
+
+def collect_deltas(
+    cfg, generated: dict[str, Path], *, stored: Path | None = None, progress: bool = True
+) -> DeltaPoints:
+    """Deltas of every teacher of ``cfg``'s world (cached) and of the ``generated`` adapters.
+
+    ``stored``: the run's ``eval/deltas.safetensors``; the generated adapters' deltas are read
+    from it when it matches the probes and delta spec, and computed otherwise.
+    """
     from llgbm_delta import compute_deltas
 
     from llgbm_train import data as D
@@ -94,16 +131,18 @@ def collect_deltas(cfg, generated: dict[str, Path], *, progress: bool = True) ->
         else:
             roles.append("train teacher" if tasks[t.task].split == "train" else "held-out teacher")
     if generated:
-        rows.append(
-            compute_deltas(
+        spec = D.delta_spec(cfg)
+        got = _stored_generated(stored, probes, spec, list(generated))
+        if got is None:
+            got = compute_deltas(
                 (model, tok),
                 [str(p) for p in generated.values()],
                 probes,
                 None,
-                spec=D.delta_spec(cfg),
+                spec=spec,
                 progress=progress,
             )
-        )
+        rows.append(np.asarray(got))
         task_names += list(generated)
         roles += ["generated"] * len(generated)
     family = [tasks[n].family if n in tasks else "?" for n in task_names]
@@ -396,7 +435,10 @@ def _visualize_run(run: Run, out: Path, progress: bool) -> list[Path]:
         raise VisualizeError(f"{run.metrics_path}: no records yet (train the run first)")
     name = run.dir.resolve().name
     paths = [plot_curves(records, out / "curves.png", title=f"{name}: training")]
-    points = collect_deltas(cfg, generated_adapters(run), progress=progress)
+    from llgbm_train.evaluate import EVAL_DIR, GENERATED_DELTAS
+
+    stored = run.dir / EVAL_DIR / GENERATED_DELTAS
+    points = collect_deltas(cfg, generated_adapters(run), stored=stored, progress=progress)
     n_gen = points.role.count("generated")
     for m, label in (("pca", "PCA"), ("tsne", "t-SNE")):
         title = f"{name}: {label} of delta directions, teachers and {n_gen} generated"
