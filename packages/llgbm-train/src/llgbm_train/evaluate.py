@@ -601,7 +601,8 @@ def save_generated_deltas(setup: Setup, deltas: dict[str, torch.Tensor], path: P
 def load_generated_deltas(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(task -> delta [hidden] float32, header) of a file ``save_generated_deltas`` wrote.
 
-    Raises EvalError, one line, when it is unreadable or not such a file.
+    Raises EvalError, one line, when it is unreadable or not such a file. (The explorer keeps a
+    copy that reports into its problems list: its pages must draw without importing torch.)
     """
     from safetensors import SafetensorError, safe_open
 

@@ -83,22 +83,17 @@ def _stored_generated(path: Path | None, probes, spec, tasks: list[str]) -> np.n
     try:
         stored, header = load_generated_deltas(path)
     except EvalError as e:
-        print(f"note: {e}; computing the generated deltas again", file=sys.stderr)
-        return None
-    if (header["probe_hash"], header["spec_hash"]) != (probes.hash, spec.hash):
-        print(
-            f"note: {path}: made with other probes or delta spec; computing the generated deltas",
-            file=sys.stderr,
-        )
-        return None
-    missing = [t for t in tasks if t not in stored]
-    if missing:
-        print(
-            f"note: {path}: no delta for {missing[0]}; computing the generated deltas",
-            file=sys.stderr,
-        )
-        return None
-    return np.stack([stored[t] for t in tasks])
+        reason = str(e)
+    else:
+        missing = [t for t in tasks if t not in stored]
+        if (header["probe_hash"], header["spec_hash"]) != (probes.hash, spec.hash):
+            reason = f"{path}: made with other probes or delta spec"
+        elif missing:
+            reason = f"{path}: no delta for {missing[0]}"
+        else:
+            return np.stack([stored[t] for t in tasks])
+    print(f"note: {reason}; computing the generated deltas", file=sys.stderr)
+    return None
 
 
 def collect_deltas(

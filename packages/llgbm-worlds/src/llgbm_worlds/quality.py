@@ -84,10 +84,10 @@ def weight_cosines(teachers: list) -> dict[str, dict[str, float]]:
     batch = LoraBatch.from_adapters([load_adapter(t.path) for t in teachers])
     order = batch.spec.keys()
     flat = {
-        "A": torch.cat([batch.A[k].flatten(1) for k in order], dim=1),
-        "B": torch.cat([batch.B[k].flatten(1) for k in order], dim=1),
+        "A": torch.cat([batch.A[k].flatten(1) for k in order], dim=1).double(),
+        "B": torch.cat([batch.B[k].flatten(1) for k in order], dim=1).double(),
     }
-    grams = {name: x.double() @ x.double().T for name, x in flat.items()}
+    grams = {name: x @ x.T for name, x in flat.items()}
     grams["delta_w"] = gram(batch.to(dtype=torch.float64))
     cosines = {k: 1.0 - cosine_distances_from_gram(g.numpy()) for k, g in grams.items()}
     out: dict[str, dict[str, float]] = {}
