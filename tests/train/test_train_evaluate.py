@@ -431,19 +431,17 @@ def test_evaluate_names_its_checkpoint_and_replaces_eval_whole(
 
     before = snapshot()
     # An evaluation interrupted half-way leaves the previous eval/ exactly as it was.
-    calls = {"n": 0}
-    real = E.score_items
+    real = E.score_many
 
-    def dies(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3 + len(report["per_task"]):  # after some generated adapters were saved
-            raise KeyboardInterrupt
-        return real(*a, **kw)
+    def dies(setup, groups, adapters):
+        if any(isinstance(a, Path) and a.parent.name == "adapters" for a in adapters):
+            raise KeyboardInterrupt  # scoring the generated adapters: all of them are saved
+        return real(setup, groups, adapters)
 
-    monkeypatch.setattr(E, "score_items", dies)
+    monkeypatch.setattr(E, "score_many", dies)
     with pytest.raises(KeyboardInterrupt):
         E.evaluate_run(run, progress=False)
-    monkeypatch.setattr(E, "score_items", real)
+    monkeypatch.setattr(E, "score_many", real)
     assert snapshot() == before
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no half-written eval dir
     # The finished run's evaluation replaces it whole: every adapter is the step-4 one.
@@ -465,3 +463,25 @@ def test_evaluate_names_its_checkpoint_and_replaces_eval_whole(
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1].split("\r")[-1]
     assert last.startswith("error: ") and "not an evaluation directory" in last
     assert (run / "eval" / "mine.txt").read_text() == "keep me"
+
+
+def test_batched_and_peft_scorers_give_the_same_report(world_copy, tmp_path):
+    """eval.scorer=batched (shared passes) and =peft (one PEFT model per adapter) agree exactly."""
+    runs = tmp_path / "runs"
+    result = train(_config(world_copy, runs), runs / "r", progress=False)
+    batched = E.evaluate(result.setup, result.generator, progress=False)
+    setup = prepare(_config(world_copy, runs, "eval.scorer=peft"), progress=False)
+    peft = E.evaluate(setup, result.generator, progress=False)
+    assert "batched" in batched["scorer"] and "peft" in peft["scorer"]
+    n = 0
+    for a, b in zip(batched["per_task"], peft["per_task"], strict=True):
+        assert a["task"] == b["task"]
+        for m in E.METHODS:
+            if a["methods"][m] is None:
+                assert b["methods"][m] is None
+                continue
+            assert a["methods"][m]["correct"] == b["methods"][m]["correct"], (a["task"], m)
+            n += 1
+    assert n > 3 * len(batched["per_task"])  # every method was scored, not only a few
+    bits = {r["methods"][m]["correct"] for r in batched["per_task"] for m in ("base", "teacher")}
+    assert len(bits) > 2  # the tasks' answers differ between base and teachers

@@ -17,13 +17,14 @@ changed data order does to the same teacher (the control in the test: 0.43 .. 0.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import pytest
 import torch
 from llgbm_flora import load_adapter
 from llgbm_worlds.build import run_specs, task_items
 from llgbm_worlds.presets import get_preset
-from llgbm_worlds.scoring import score, score_fast
+from llgbm_worlds.scoring import score, score_groups
 from llgbm_worlds.zoo import ZooConfig, init_seed, run_seed, train_peft_alone, train_runs
 
 TOL = 1e-3
@@ -63,7 +64,7 @@ def test_batched_teacher_equals_peft_teacher_alone(tiny_base, tmp_path, init):
         cfg,
         dirs,
         seed=0,
-        scorer=lambda m, t, items, adapter: score_fast(m, t, items, adapter=adapter),
+        scorer=partial(score_groups, fast=True),
         base_name="base",
     )
     for i, run in enumerate(runs):

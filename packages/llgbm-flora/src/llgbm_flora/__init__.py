@@ -33,7 +33,7 @@ _EXPORTS = {
         "algebra",
     ),
     **dict.fromkeys(("LoraError", "LoraFormatError", "LoraKeyMismatchError"), "errors"),
-    "functional_forward": "functional",
+    **dict.fromkeys(("applied", "functional_forward"), "functional"),
     "check_fits": "mapping",
     "module_map": "mapping",
     **dict.fromkeys(

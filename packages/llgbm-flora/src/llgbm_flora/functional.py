@@ -26,7 +26,7 @@ from .errors import LoraError
 from .mapping import Discovery, check_fits
 from .spec import LoraAdapter, LoraBatch, LoraKey, LoraSpec, uniform_rank
 
-__all__ = ["functional_forward"]
+__all__ = ["applied", "functional_forward"]
 
 # Modules that usually read the same input tensor. Sharing is only an optimisation: a hook checks
 # that the input really is the same tensor object and otherwise computes its own product.
@@ -55,17 +55,7 @@ def functional_forward(
         combination raises.)
     `use_cache` defaults to False. Gradients flow to the adapter tensors.
     """
-    if isinstance(adapters, LoraAdapter):
-        spec = adapters.spec
-        A = {k: v.unsqueeze(0) for k, v in adapters.A.items()}  # [1, r, in]
-        B = {k: v.unsqueeze(0) for k, v in adapters.B.items()}  # [1, out, r]
-        M = _map(adapters.magnitude, lambda v: v.unsqueeze(0))  # [1, out]
-    elif isinstance(adapters, LoraBatch):
-        spec, A, B, M = adapters.spec, adapters.A, adapters.B, adapters.magnitude
-    else:
-        raise LoraError(
-            f"functional_forward: adapters must be LoraAdapter or LoraBatch, got {type(adapters).__name__}"
-        )
+    spec, A, B, M = _unpack(adapters, "functional_forward")
     n = next(iter(A.values())).shape[0]
     rows = _rows(model_inputs)
     if n == 0 or rows % n:
@@ -91,6 +81,41 @@ def functional_forward(
         sub_M = _map(M, lambda v, a0=a0, a1=a1: v[a0:a1])
         outs.append(_forward(model, found, spec, sub_A, sub_B, sub_M, use_ckpt, sub_inputs))
     return _concat(outs)
+
+
+@contextmanager
+def applied(model: nn.Module, adapters: LoraAdapter | LoraBatch):
+    """Every forward of ``model`` inside the block runs with ``adapters`` applied functionally.
+
+        with applied(model, batch):   # n adapters; rows adapter-major, as in functional_forward
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8)
+
+    For calls that run the model several times, such as ``generate`` (greedy or sampling: its
+    rows keep their order, so row group i stays with adapter i through the KV cache). Every
+    forward's row count must be a multiple of the adapters (checked in each hook; beam search,
+    which reorders and multiplies rows, is not supported). The hooks are removed on exit, also
+    after an exception; no parameter or buffer of the model changes.
+    """
+    spec, A, B, M = _unpack(adapters, "applied")
+    found = check_fits(model, spec)
+    _refuse_hf_checkpointing(model, found)
+    prep = _Prepared(found, spec, A, B, M)
+    with _hooks_installed(found, prep.hooks(spec.keys())):
+        yield
+
+
+def _unpack(adapters: LoraAdapter | LoraBatch, where: str):
+    """(spec, A, B, magnitude) with a leading adapter dimension (1 for a single adapter)."""
+    if isinstance(adapters, LoraAdapter):
+        A = {k: v.unsqueeze(0) for k, v in adapters.A.items()}  # [1, r, in]
+        B = {k: v.unsqueeze(0) for k, v in adapters.B.items()}  # [1, out, r]
+        M = _map(adapters.magnitude, lambda v: v.unsqueeze(0))  # [1, out]
+        return adapters.spec, A, B, M
+    if isinstance(adapters, LoraBatch):
+        return adapters.spec, adapters.A, adapters.B, adapters.magnitude
+    raise LoraError(
+        f"{where}: adapters must be LoraAdapter or LoraBatch, got {type(adapters).__name__}"
+    )
 
 
 def _rows(inputs: dict[str, Any]) -> int:
@@ -223,6 +248,11 @@ class _Prepared:
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
             x = args[0] if args else kwargs["input"]
+            if x.dim() == 3 and x.shape[0] % n:  # a reshape would silently mix adapters' rows
+                raise LoraError(
+                    f"{key[1]} of layer {key[0]}: {x.shape[0]} input rows is not a multiple of "
+                    f"{n} adapters (rows are adapter-major: n adapters x rows per adapter)"
+                )
             x3 = x.reshape(n, -1, x.shape[-1])  # [n, rows_per_adapter * T, in] (a view)
             if state is None:
                 xa = torch.bmm(x3, _as(At, x3))  # [n, rows*T, r]

@@ -282,9 +282,14 @@ class EvalConfig(_Section):
     max_new_tokens: int | None = None  # greedy decoding budget (None: the scorer's default)
     bootstrap: int = 1000  # bootstrap resamples for the 95% CI over items
     seed: int = 0  # seeds condition prompts and the bootstrap
+    # batched: adapters of one structure share generate passes (llgbm_worlds.score_groups);
+    # peft: each adapter loaded into PEFT and scored alone (the definition; same booleans, slower)
+    scorer: Literal["batched", "peft"] = "batched"
+    batch_rows: int = 512  # item rows per batched pass (memory)
 
     def validate(self) -> None:
         _check_range(self.section, "max_items", self.max_items, lo=1)
+        _check_range(self.section, "batch_rows", self.batch_rows, lo=1)
         _check_range(self.section, "bootstrap", self.bootstrap, lo=10)
 
 

@@ -278,6 +278,28 @@ def score_items(setup: Setup, items: list, adapter) -> list[bool]:
     return score(setup.model, setup.tokenizer, items, adapter=adapter, **kw)
 
 
+def score_many(setup: Setup, groups: list[list], adapters: list) -> list[list[bool]]:
+    """``[score_items(setup, g, a) for g, a in zip(groups, adapters)]``, per ``eval.scorer``.
+
+    ``batched`` (default): ``llgbm_worlds.score_groups``, adapters of one structure in shared
+    passes (one adapter per row group); ``peft``: each adapter loaded into PEFT on its own, the
+    definition (the tests hold the two equal).
+    """
+    ec = setup.cfg.eval
+    if ec.scorer == "peft":
+        return [score_items(setup, g, a) for g, a in zip(groups, adapters)]
+    from llgbm_worlds.scoring import score_groups
+
+    return score_groups(
+        setup.model,
+        setup.tokenizer,
+        groups,
+        adapters,
+        max_new_tokens=ec.max_new_tokens,
+        max_rows=ec.batch_rows,
+    )
+
+
 def _result(correct: list[bool], delta: torch.Tensor | None, ref: torch.Tensor | None) -> dict:
     return {
         "accuracy": float(np.mean(correct)) if correct else float("nan"),
@@ -341,6 +363,7 @@ def reference_key(setup: Setup, tasks: list, conditions: dict, items: dict) -> s
         "probes": setup.probes.hash,
         "delta_spec": setup.delta_spec.hash,
         "max_new_tokens": ec.max_new_tokens,
+        "scorer": ec.scorer,
         "train_teachers": [str(p) for p in setup.data.paths],
         "tasks": [
             [t.name, conditions[t.name], [[e.prompt, e.answer] for e in items[t.name]]]
@@ -374,8 +397,8 @@ def reference_results(
         setup, [p for p in [*oracle_paths.values(), *nearest_paths.values()] if p is not None]
     )
     out: dict[str, Any] = {}
+    todo: dict[str, list[tuple[str, Any, torch.Tensor | None, torch.Tensor | None]]] = {}
     for t in tasks:
-        its = items[t.name]
         oracle = oracle_paths[t.name]
         ref = None if oracle is None else deltas[oracle]
         best = best_teacher(setup, t.name)
@@ -404,14 +427,16 @@ def reference_results(
             if path is not None:
                 runs["nearest_teacher"] = (path, deltas[path])
         for m in REFERENCE_METHODS:
-            if m not in runs:
-                row["methods"][m] = None
-                continue
-            adapter, delta = runs[m]
-            row["methods"][m] = _result(score_items(setup, its, adapter), delta, ref)
-            if bar is not None:
-                bar.update(1)
+            row["methods"][m] = None
+            if m in runs:
+                todo.setdefault(m, []).append((t.name, *runs[m], ref))
         out[t.name] = row
+    for m, jobs in todo.items():  # one batched scoring per method
+        oks = score_many(setup, [items[name] for name, *_ in jobs], [a for _, a, _, _ in jobs])
+        for (name, _, delta, ref), ok in zip(jobs, oks):
+            out[name]["methods"][m] = _result(ok, delta, ref)
+        if bar is not None:
+            bar.update(len(jobs))
     return out
 
 
@@ -457,23 +482,27 @@ def evaluate(
             if references is not None:
                 references[key] = refs
         oracles = oracle_deltas(setup, task_list)
+        from llgbm_flora import save_adapter
+
         per_task = []
         gen_deltas: dict[str, torch.Tensor] = {}
+        paths: dict[str, Path] = {}
+        retrieved: dict[str, Any] = {}
         for t in task_list:
-            retrieved = None
             if is_predictor(generator):
-                gen, retrieved = retrieve_adapter(setup, generator, conditions[t.name])
+                gen, retrieved[t.name] = retrieve_adapter(setup, generator, conditions[t.name])
             else:
                 gen = generate(setup, generator, t, prompts=conditions[t.name])
-            path = _adapter_dir(work / "adapters", t.name)
-            from llgbm_flora import save_adapter
-
-            save_adapter(gen, path)
-            ref = oracles.get(t.name)
+            paths[t.name] = save_adapter(gen, _adapter_dir(work / "adapters", t.name))
             gen_deltas[t.name] = delta_of(setup, gen)  # [hidden]
-            generated = _result(score_items(setup, items[t.name], path), gen_deltas[t.name], ref)
-            if bar is not None:
-                bar.update(1)
+        # The saved files are what is scored (what a user re-scores with PEFT).
+        scored = score_many(
+            setup, [items[t.name] for t in task_list], [paths[t.name] for t in task_list]
+        )
+        if bar is not None:
+            bar.update(len(task_list))
+        for t, ok in zip(task_list, scored):
+            generated = _result(ok, gen_deltas[t.name], oracles.get(t.name))
             r = refs[t.name]
             teacher = r["teacher"]
             n_test = len(t.items("test"))
@@ -490,7 +519,7 @@ def evaluate(
                     "teacher": teacher,
                     "nearest": r["nearest"],
                     "methods": {**r["methods"], "generated": generated},
-                    **({} if retrieved is None else {"retrieved": retrieved}),
+                    **({"retrieved": retrieved[t.name]} if t.name in retrieved else {}),
                 }
             )
         if bar is not None:
@@ -501,7 +530,7 @@ def evaluate(
             "tasks_evaluated": which,
             "eval_config": dataclasses.asdict(ec),
             "n_tasks": len(task_list),
-            "scorer": "greedy exact match (llgbm_worlds.score)",
+            "scorer": f"greedy exact match (llgbm_worlds.score, {ec.scorer})",
             "interval": f"95% percentile bootstrap over items within task ({ec.bootstrap} draws)",
             "reference_key": key,
             "mean_of_teachers": {"n_adapters": len(setup.data), "merge": "delta-W mean, SVD"},

@@ -235,7 +235,9 @@ def write_tasks(
 ) -> list[dict]:
     """Write every task's jsonl files and score the base on its test items; the task rows."""
     rows = []
-    for spec in task_specs(preset):
+    specs = task_specs(preset)
+    base_ok = scorer(base_model, tokenizer, [items[s.name][1] for s in specs], None)
+    for spec, ok in zip(specs, base_ok):
         train, test = items[spec.name]
         rel = f"tasks/{spec.name}"
         for split, exs in (("train", train), ("test", test)):
@@ -243,7 +245,6 @@ def write_tasks(
                 out / rel / f"{split}.jsonl",
                 ({"prompt": e.prompt, "answer": e.answer} for e in exs),
             )
-        ok = scorer(base_model, tokenizer, test)
         fam = FAMILIES.get(spec.family)
         rows.append(
             {
@@ -315,11 +316,12 @@ def finish(
 
 
 def _scorer_for(kind: str) -> Scorer:
-    from llgbm_worlds.scoring import score, score_fast
+    """Teacher-forced on the tiny world (one spelling per answer), greedy generation elsewhere."""
+    from functools import partial
 
-    if kind == "tiny":
-        return lambda m, t, items, adapter=None: score_fast(m, t, items, adapter=adapter)
-    return lambda m, t, items, adapter=None: score(m, t, items, adapter=adapter)
+    from llgbm_worlds.scoring import score_groups
+
+    return partial(score_groups, fast=kind == "tiny")
 
 
 def build_world(

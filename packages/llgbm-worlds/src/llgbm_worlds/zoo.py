@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from llgbm_flora import LoraAdapter, LoraBatch, LoraSpec, save_adapter
+from llgbm_flora.algebra import take
 from llgbm_flora.spec import STANDARD_MODULES
 from tqdm.auto import tqdm
 
@@ -59,8 +60,11 @@ DONE = ".done.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 MAX_GRAD_NORM = 1.0  # per run, as torch.nn.utils.clip_grad_norm_ would clip a solo run
 
-# scorer(model, tokenizer, items, adapter) -> one bool per item; adapter None scores the base.
-Scorer = Callable[[torch.nn.Module, object, Sequence[Example], LoraAdapter | None], list[bool]]
+# scorer(model, tokenizer, groups, adapters) -> per group of items one bool per item, group i
+# under adapter i of the LoraBatch (None: every group on the base); scoring.score_groups.
+Scorer = Callable[
+    [torch.nn.Module, object, Sequence[Sequence[Example]], LoraBatch | None], list[list[bool]]
+]
 
 
 @dataclass(frozen=True)
@@ -299,16 +303,24 @@ def train_runs(
                 bar.set_postfix_str(f"{n} runs, mean loss {losses.mean().item():.3f}")
         if step in cfg.checkpoints:
             name = f"step{step:04d}"
-            for i in range(n):
-                if out_dirs[i] is None:
-                    continue
+            saved = [i for i in range(n) if out_dirs[i] is not None]
+            for i in saved:
                 adapter = LoraAdapter(
                     spec,
                     {k: v[i].detach().cpu() for k, v in A.items()},
                     {k: v[i].detach().cpu() for k, v in B.items()},
                 )
                 save_adapter(adapter, out_dirs[i] / name)
-                ok = scorer(model, tokenizer, tests[i], adapter.to(device))
+            # Every saved run's checkpoint scored together: one adapter per row group.
+            now = LoraBatch(
+                spec, {k: v.detach() for k, v in A.items()}, {k: v.detach() for k, v in B.items()}
+            )
+            oks = (
+                scorer(model, tokenizer, [tests[i] for i in saved], take(now, saved))
+                if saved
+                else []
+            )
+            for i, ok in zip(saved, oks):
                 records[i].append(
                     {
                         "step": step,
