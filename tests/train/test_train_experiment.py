@@ -225,8 +225,8 @@ def test_experiment_resumes_and_aggregates(
 
 
 def test_parallel_jobs_finish_every_run_once(test_world_dir, tmp_path, monkeypatch):
-    """--jobs 2: the world's first run goes alone (it fills the references), the rest run in
-    two worker processes; every run is done, and a sequential rerun reuses them all."""
+    """--jobs 2: the world's references are scored first, then every run trains in one of two
+    worker processes; every run is done, and a sequential rerun reuses them all."""
     _configs(tmp_path, test_world_dir)
     spec_file = _spec(tmp_path, {"shared": test_world_dir}, objectives=["delta_multi"])
     spec, _ = X.load_spec(str(spec_file))
@@ -238,7 +238,9 @@ def test_parallel_jobs_finish_every_run_once(test_world_dir, tmp_path, monkeypat
     assert results["jobs"] == 2 and results["n_runs"] == len(runs)
     assert all(X.run_state(r) == "done" for r in runs)
     refs = json.loads((spec.out_dir / "shared" / "references.json").read_text())
-    assert refs  # computed by the first run, read by the workers
+    assert len(refs) == 1  # scored before the runs, read by the workers (none added a key)
+    report = json.loads((runs[0].dir / "eval" / "report.json").read_text())
+    assert report["reference_key"] in refs
     timings = json.loads((spec.out_dir / "timings.json").read_text())
     assert sorted(timings) == sorted(str(r.dir) for r in runs)
     calls = []

@@ -440,6 +440,24 @@ def reference_results(
     return out
 
 
+def _inputs(setup: Setup, which: str):
+    """(tasks, condition prompts, scored items, disjointness checks, reference key) of ``which``."""
+    task_list = eval_tasks(setup, which)
+    conditions = {t.name: condition_prompts(setup, t) for t in task_list}
+    items = {t.name: scored_items(setup, t) for t in task_list}
+    checks = check_data(setup, task_list, conditions, items)
+    return task_list, conditions, items, checks, reference_key(setup, task_list, conditions, items)
+
+
+def references_of(setup: Setup, tasks: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(reference key, reference results) that ``evaluate(setup, ..., tasks=tasks)`` would use.
+
+    For an experiment to score the generator-independent methods once, before its runs train.
+    """
+    task_list, conditions, items, _, key = _inputs(setup, tasks or setup.cfg.eval.tasks)
+    return key, reference_results(setup, task_list, conditions, items)
+
+
 # the evaluation ---------------------------------------------------------------------------------
 def evaluate(
     setup: Setup,
@@ -459,12 +477,8 @@ def evaluate(
     """
     ec = setup.cfg.eval
     which = tasks or ec.tasks
-    task_list = eval_tasks(setup, which)
+    task_list, conditions, items, checks, key = _inputs(setup, which)
     kinds = generalisation_kinds(setup.world.tasks)
-    conditions = {t.name: condition_prompts(setup, t) for t in task_list}
-    items = {t.name: scored_items(setup, t) for t in task_list}
-    checks = check_data(setup, task_list, conditions, items)
-    key = reference_key(setup, task_list, conditions, items)
     from llgbm_train.predictor import is_predictor, retrieve_adapter
 
     refs = None if references is None else references.get(key)

@@ -285,6 +285,14 @@ def execute(run: PlannedRun, references: dict, *, progress: bool) -> tuple[dict,
     return report, {"prepare_train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
 
 
+def _references(run: PlannedRun, progress: bool) -> tuple[str, dict]:
+    """(key, results) of the generator-independent methods on ``run``'s evaluation."""
+    from llgbm_train.evaluate import references_of
+    from llgbm_train.trainer import prepare
+
+    return references_of(prepare(run.cfg, progress=progress), "all")
+
+
 def _load_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -310,8 +318,9 @@ def run_experiment(
     """Run (or reuse) every planned run, then write ``spec.results`` and ``spec.report``.
 
     ``jobs`` > 1 trains that many runs at once, each in its own process (CPU threads split
-    between them; on a GPU, several small runs share the device). Each world's first run goes
-    alone, so its reference results (base, oracle, ...) are computed once and shared.
+    between them; on a GPU, several small runs share the device). The reference results of each
+    world (base, oracle, ...; they do not depend on the generator) are scored first, once, and
+    shared by its runs (cached in ``OUT/<world>/references.json``).
     """
     import os
 
@@ -348,14 +357,16 @@ def run_experiment(
             else:
                 reports[run.dir] = report
                 bar.update(1)
-        # Worlds whose references are not cached yet: their first run goes alone, first.
-        first = [
-            next(r for r in todo if r.world == w)
-            for w in spec.worlds
-            if not refs[w] and any(r.world == w for r in todo)
-        ]
-        rest = [r for r in todo if r not in first]
-        for run in first if jobs > 1 else todo:
+        if jobs > 1:  # references of worlds that have none cached, before the runs start
+            for w in spec.worlds:
+                run = next((r for r in todo if r.world == w), None)
+                if run is not None and not refs[w]:
+                    bar.set_postfix_str(f"{w}: references")
+                    key, scored = _references(run, progress)
+                    refs[w][key] = scored
+                    atomic_write_text(spec.out_dir / w / "references.json", json.dumps(refs[w]))
+        rest = todo if jobs > 1 else []
+        for run in [] if jobs > 1 else todo:
             bar.set_postfix_str(f"{run.world}/{run.label} seed {run.seed}")
             filled = dict(refs[run.world])
             report, wall = execute(run, filled, progress=progress)
