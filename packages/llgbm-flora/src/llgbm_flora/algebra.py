@@ -297,13 +297,44 @@ def inner(x: Lora, y: Lora) -> Tensor:
     nx, ny = next(iter(ax.values())).shape[0], next(iter(ay.values())).shape[0]
     if nx != ny:
         raise LoraError(f"inner: {nx} adapters vs {ny}; rows are paired, give equal counts")
-    out = []
-    for key in x.spec.keys():  # noqa: SIM118 (LoraSpec.keys)
-        gb = torch.einsum("nor,nos->nrs", _wide(bx[key]), _wide(by[key]))  # [n, rx, ry]
-        ga = torch.einsum("nri,nsi->nrs", _wide(ax[key]), _wide(ay[key]))  # [n, rx, ry]
-        out.append((gb * ga).sum(dim=(1, 2)))  # [n]
-    res = torch.stack(out, dim=1) * (x.spec.scale * y.spec.scale)  # [n, n_keys]
+    keys = x.spec.keys()
+    cols, order = [], []
+    # Keys whose four factors share shapes (a module across layers) go through one batched
+    # product: ~7 groups instead of one einsum pair per key (210 on a 30-layer model), which
+    # is what bounds a training step's launch overhead on a GPU.
+    for idx in _shape_groups(keys, ax, bx, ay, by):
+        group = [keys[j] for j in idx]
+        a_x, b_x = _stacked(ax, group), _stacked(bx, group)  # [n, G, r, in], [n, G, out, r]
+        a_y, b_y = (
+            (a_x, b_x) if ay is ax and by is bx else (_stacked(ay, group), _stacked(by, group))
+        )
+        gb = torch.einsum("ngor,ngos->ngrs", b_x, b_y)  # [n, G, rx, ry]
+        ga = torch.einsum("ngri,ngsi->ngrs", a_x, a_y)  # [n, G, rx, ry]
+        cols.append((gb * ga).sum(dim=(2, 3)))  # [n, G]
+        order += idx
+    res = torch.cat(cols, dim=1)  # [n, n_keys], in group order
+    if order != sorted(order):
+        res = res[:, torch.as_tensor(order, device=res.device).argsort()]  # spec.keys() order
+    res = res * (x.spec.scale * y.spec.scale)
     return res[0] if single_x and single_y else res
+
+
+def _shape_groups(keys: list, *factors: dict) -> list[list[int]]:
+    """Indices of ``keys`` grouped by the shapes and dtypes of their factors (first-seen order)."""
+    groups: dict[tuple, list[int]] = {}
+    for j, k in enumerate(keys):
+        sig = tuple((tuple(f[k].shape), f[k].dtype) for f in factors)
+        groups.setdefault(sig, []).append(j)
+    return list(groups.values())
+
+
+def _stacked(factors: dict, keys: list) -> Tensor:
+    """The keys' factors stacked on a new axis 1, widened like ``_wide``: [n, G, ...]."""
+    return _wide(
+        factors[keys[0]].unsqueeze(1)
+        if len(keys) == 1
+        else torch.stack([factors[k] for k in keys], 1)
+    )
 
 
 def sq_norms(x: Lora) -> Tensor:
@@ -330,12 +361,14 @@ def take(batch: LoraBatch, rows: Sequence[int] | Tensor) -> LoraBatch:
     """The given rows of a batch (repeats allowed, negative indices count from the end)."""
     n = len(batch)
     device = next(iter(batch.A.values())).device
-    idx = torch.as_tensor(rows, dtype=torch.long, device=device).reshape(-1)
-    if idx.numel() == 0:
+    # Rows given on the host are checked there (no device sync per call).
+    host = [int(r) for r in rows] if not isinstance(rows, Tensor) else rows.reshape(-1).tolist()
+    if not host:
         raise LoraError("take: no rows given (a LoraBatch holds at least one adapter)")
-    bad = idx[(idx < -n) | (idx >= n)]
-    if bad.numel():
-        raise LoraError(f"take: row {int(bad[0])} out of range for {n} adapters")
+    bad = [r for r in host if not -n <= r < n]
+    if bad:
+        raise LoraError(f"take: row {bad[0]} out of range for {n} adapters")
+    idx = torch.as_tensor(host, dtype=torch.long, device=device)
     return LoraBatch(
         batch.spec,
         {k: v[idx] for k, v in batch.A.items()},

@@ -162,8 +162,10 @@ class WeightTokenizer(nn.Module):
         n = tokens.shape[0]
         A: dict = {}
         B: dict = {}
-        for seg in self.segments:
-            s = raw[:, seg.offset : seg.offset + seg.n_slabs]  # [n, k, r, w]
+        # One split (the segments tile the tokens in order): its backward is one cat, where
+        # each slice's backward would zero-fill and add a raw-sized gradient.
+        parts = raw.split([seg.n_slabs for seg in self.segments], dim=1)
+        for seg, s in zip(self.segments, parts, strict=True):  # s: [n, k, r, w]
             m = s.permute(0, 2, 1, 3).reshape(n, self.rank, seg.n_slabs * self.slab_width)
             m = m[:, :, : seg.length]  # [n, r, length]
             if seg.side == "A":

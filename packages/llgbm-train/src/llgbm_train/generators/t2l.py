@@ -249,8 +249,10 @@ class T2LGenerator(Generator):
         outs: list[Tensor | None] = [None] * n_keys
         for mod, idx in self._by_module.items():
             y = self.heads[mod](h[:, idx])  # [B, n_layers, out_dim]
-            for j, i in enumerate(idx):
-                outs[i] = y[:, j]
+            # unbind, not y[:, j]: its backward is one stack, where each select's backward
+            # would zero-fill and add a y-sized gradient (210 of them on SmolLM2).
+            for i, y_i in zip(idx, y.unbind(1), strict=True):
+                outs[i] = y_i
         if self.tokenizer is not None:
             return self._decode_tokens(outs, n)
         r = self.spec.rank
