@@ -300,3 +300,16 @@ def test_paper_delta_and_kl_share_one_forward_with_the_same_losses(
     for a, b in zip(packed, two, strict=True):
         for name in ("loss", "loss_d", "loss_kl", "loss_w", "grad_norm"):
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-7), (name, a, b)
+
+
+def test_full_vocabulary_targets_beyond_the_limit_ask_for_top_k(make_config, tmp_path, monkeypatch):
+    """SmolLM2's 49k vocabulary x 13 positions x 40 probes x 192 teachers is ~20 GB of targets."""
+    monkeypatch.setattr(D, "FULL_VOCAB_LIMIT", 1000)  # bytes: the test world's targets exceed it
+    with pytest.raises(D.DataError, match=r"behaviour.top_k: unset.*set behaviour.top_k=64") as e:
+        prepare(make_config(*BEHAVIOUR, "training.objective=delta_multi"), progress=False)
+    assert "\n" not in str(e.value)
+    setup = prepare(
+        make_config(*BEHAVIOUR, "training.objective=delta_multi", "behaviour.top_k=8"),
+        progress=False,
+    )
+    assert setup.behaviour["logprobs"].shape[-1] == 8

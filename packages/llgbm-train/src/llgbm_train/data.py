@@ -297,17 +297,35 @@ def behaviour_probe_sets(cfg: Config, data: TrainData) -> list:
     return [sets[t] for t in data.tasks]
 
 
+FULL_VOCAB_LIMIT = 4 * 2**30  # bytes of full-vocabulary KL targets beyond which top_k is required
+
+
 def load_behaviour(cfg: Config, data: TrainData, model, tokenizer, *, progress: bool = True):
     """Behaviour targets of every sample's teacher, stacked: dict of [n, P, ...] CPU tensors."""
     from llgbm_delta.behaviour import stack_targets
     from llgbm_delta.behaviour_cache import BehaviourCache, compute_behaviour
 
+    spec = behaviour_spec(cfg)
+    b = cfg.behaviour
+    if spec.logits and spec.top_k is None:
+        # Full next-token distributions at every answer position of every probe and teacher:
+        # held in memory (and on the GPU) for the whole run, and cached on disk.
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or len(tokenizer))
+        positions = 1 if b.positions == "last" else b.max_answer_tokens + 1
+        size = len(data) * b.n_probes * positions * vocab * 4
+        if size > FULL_VOCAB_LIMIT:
+            raise DataError(
+                f"behaviour.top_k: unset, so the KL targets keep the full {vocab}-token "
+                f"distribution: up to {size / 2**30:.1f} GiB for {len(data)} teachers x "
+                f"{b.n_probes} probes x {positions} positions; set behaviour.top_k=64 (the "
+                f"teacher's top 64 and the rest's mass) or behaviour.top_k={vocab} to keep all"
+            )
     targets = compute_behaviour(
         model,
         tokenizer,
         [data.teachers[i] for i in range(len(data))],
         behaviour_probe_sets(cfg, data),
-        behaviour_spec(cfg),
+        spec,
         BehaviourCache(behaviour_cache_dir(cfg)),
         adapters_per_batch=cfg.behaviour.adapters_per_batch,
         progress=progress,
