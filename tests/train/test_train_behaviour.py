@@ -3,6 +3,7 @@ behaviour-delta terms, the gauge-blind weight loss, and the base-model condition
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -313,3 +314,37 @@ def test_full_vocabulary_targets_beyond_the_limit_ask_for_top_k(make_config, tmp
         progress=False,
     )
     assert setup.behaviour["logprobs"].shape[-1] == 8
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("training.objective=baseline",),
+        # the paper's delta + KL: generic probes and task sequences in one fused forward
+        ("training.objective=delta_multi", *BEHAVIOUR[1:]),
+        ("training.objective=delta_multi", *BEHAVIOUR),  # the behaviour delta + KL
+    ],
+    ids=["baseline", "paper_delta_kl", "behaviour_delta_kl"],
+)
+def test_bf16_autocast_over_an_fp32_base_trains(make_config, tmp_path, monkeypatch, extra):
+    """training.precision=bf16 on an fp32 base (the smollm2 spec): the fused LoRA path mixed
+    a bf16 product into an fp32 output in place and raised. CUDA autocast is not available on
+    CI, so the trainer's autocast is swapped for CPU bf16 autocast (the same casts)."""
+    import llgbm_train.trainer as TR
+
+    used = []
+
+    def cpu_bf16(cfg, device):
+        used.append(1)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    cfg = make_config(*extra, "training.steps=2")
+    fp32 = train(cfg, tmp_path / "fp32", progress=False).last
+    monkeypatch.setattr(TR, "autocast", cpu_bf16)
+    bf16 = train(cfg, tmp_path / "bf16", progress=False).last
+    assert used
+    names = [k for k in ("loss", "loss_w", "loss_d", "loss_kl") if k in fp32]
+    assert len(names) >= 3
+    for name in names:
+        assert math.isfinite(bf16[name]), name
+        assert bf16[name] == pytest.approx(fp32[name], rel=0.1), name  # bf16 rounding only

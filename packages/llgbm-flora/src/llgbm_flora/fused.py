@@ -363,10 +363,10 @@ def _linears(
                 outs[k] = (base + scale * torch.bmm(xa_k, Bt)) * Ds[k]
                 if bias is not None:
                     outs[k] = outs[k] + bias
-            elif inplace:
+            elif inplace and outs[k].dtype == xa_k.dtype == Bt.dtype:
                 outs[k] = outs[k].baddbmm_(xa_k, Bt, alpha=scale)
-            else:
-                outs[k] = outs[k] + scale * torch.bmm(xa_k, Bt)
+            else:  # also under autocast, where the three dtypes can differ
+                outs[k] = outs[k] + (scale * torch.bmm(xa_k, Bt)).to(outs[k].dtype)
             j += 1
     return outs
 
