@@ -255,3 +255,27 @@ def test_unknown_experiment_is_one_line(capsys):
         capsys.readouterr().err
         == "error: configs/experiments/nope.yaml: experiment spec not found\n"
     )
+
+
+def test_behaviour_caches_are_filled_once_per_recipe_before_parallel_runs(test_world_dir, tmp_path):
+    """warm_runs: the first run of each behaviour recipe per world; none for runs without one."""
+    _configs(tmp_path, test_world_dir)
+    kl = ["training.lambda_kl=1.0", "behaviour.n_probes=4"]
+    variants = {
+        "kl": kl,
+        "kl_lr": [*kl, "training.lr=1e-2"],
+        "kl_last": [*kl, "behaviour.positions=last"],
+    }
+    spec_file = _spec(
+        tmp_path,
+        {"a": test_world_dir, "b": test_world_dir},
+        ablations={"base": "delta_multi", "world": "a", "variants": variants},
+    )
+    spec, _ = X.load_spec(str(spec_file))
+    runs = X.plan(spec)
+    warm = X.warm_runs(runs)
+    # kl and kl_lr share a behaviour section (one warm-up); kl_last differs; the plain
+    # objectives use no behaviour targets.
+    assert sorted(r.label for r in warm) == ["kl", "kl_last"]
+    assert all(r.world == "a" and r.seed == 0 for r in warm)
+    assert X.warm_runs([r for r in runs if not r.cfg.uses_behaviour]) == []

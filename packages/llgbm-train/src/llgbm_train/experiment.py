@@ -287,10 +287,37 @@ def execute(run: PlannedRun, references: dict, *, progress: bool) -> tuple[dict,
 
 def _references(run: PlannedRun, progress: bool) -> tuple[str, dict]:
     """(key, results) of the generator-independent methods on ``run``'s evaluation."""
+    import torch
+
     from llgbm_train.evaluate import references_of
     from llgbm_train.trainer import prepare
 
-    return references_of(prepare(run.cfg, progress=progress), "all")
+    out = references_of(prepare(run.cfg, progress=progress), "all")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def warm_runs(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The first run of each (world, behaviour section) among runs that use behaviour targets."""
+    seen, out = set(), []
+    for run in runs:
+        sig = (run.world, json.dumps(dataclasses.asdict(run.cfg.behaviour), default=str))
+        if run.cfg.uses_behaviour and sig not in seen:
+            seen.add(sig)
+            out.append(run)
+    return out
+
+
+def _warm(run: PlannedRun, progress: bool) -> None:
+    """Prepare ``run`` once, for the caches it fills (teacher deltas, behaviour targets)."""
+    import torch
+
+    from llgbm_train.trainer import prepare
+
+    prepare(run.cfg, progress=progress)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the workers need the memory, not this process
 
 
 def _load_json(path: Path) -> dict:
@@ -365,6 +392,11 @@ def run_experiment(
                     key, scored = _references(run, progress)
                     refs[w][key] = scored
                     atomic_write_text(spec.out_dir / w / "references.json", json.dumps(refs[w]))
+            # Fill the world's behaviour cache once per behaviour recipe, so the workers read
+            # it instead of each computing every teacher's targets at the same time.
+            for run in warm_runs(todo):
+                bar.set_postfix_str(f"{run.world}: behaviour targets")
+                _warm(run, progress)
         rest = todo if jobs > 1 else []
         for run in [] if jobs > 1 else todo:
             bar.set_postfix_str(f"{run.world}/{run.label} seed {run.seed}")
