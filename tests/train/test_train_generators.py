@@ -10,7 +10,7 @@ from llgbm_train.generators import (
     T2LGenerator,
     build_generator,
 )
-from llgbm_train.weight_tokens import WeightTokenizer
+from llgbm_train.weight_tokens import WeightTokenError, WeightTokenizer
 
 SHAPES = (
     ("q_proj", 32, 32),
@@ -272,3 +272,40 @@ def test_within_whitening_separates_tasks_the_per_feature_scaling_confuses(spec)
         within_whitening(pooled[:2], torch.tensor([0, 1]))
     with pytest.raises(GeneratorError, match="standardize"):
         make(spec, {**CASES["t2l-raw"], "kw": {**CASES["t2l-raw"]["kw"], "standardize": "lda"}})
+
+
+@pytest.mark.parametrize("width", [16, 24])  # 24: slabs with padding
+def test_decode_module_equals_decode_with_its_gradients(spec, width):
+    """T2L decodes one module type at a time; the values and gradients are decode's own."""
+    tok = WeightTokenizer(spec, slab_width=width).fit(random_batch(spec, 4, seed=1))
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, *tok.token_shape, generator=g).requires_grad_()
+    weights = random_batch(spec, 2, seed=4)
+    ref = tok.decode(tokens)
+    keys = spec.keys()
+    want = sum((ref.A[k] * weights.A[k]).sum() + (ref.B[k] * weights.B[k]).sum() for k in keys)
+    (g_ref,) = torch.autograd.grad(want, tokens)
+    got = 0.0
+    for m in spec.target_modules:
+        mine = tok.module_keys(m)
+        assert mine == [k for k in keys if k[1] == m]
+        ids = torch.tensor(
+            [
+                [
+                    i
+                    for s in tok.segments
+                    if s.key == k
+                    for i in range(s.offset, s.offset + s.n_slabs)
+                ]
+                for k in mine
+            ]
+        )  # [L, n_tok]: each key's A slabs, then its B slabs
+        a, b = tok.decode_module(m, tokens[:, ids])
+        for j, k in enumerate(mine):
+            torch.testing.assert_close(a[:, j], ref.A[k], rtol=0, atol=0)
+            torch.testing.assert_close(b[:, j], ref.B[k], rtol=0, atol=0)
+            got = got + (a[:, j] * weights.A[k]).sum() + (b[:, j] * weights.B[k]).sum()
+    (g_got,) = torch.autograd.grad(got, tokens)
+    torch.testing.assert_close(g_got, g_ref)
+    with pytest.raises(WeightTokenError, match="q_proj tokens: shape"):
+        tok.decode_module("q_proj", tokens)

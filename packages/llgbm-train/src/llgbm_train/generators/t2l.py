@@ -246,6 +246,8 @@ class T2LGenerator(Generator):
             [task[:, None].expand(n, n_keys, -1), emb[None].expand(n, -1, -1)], -1
         )  # [B, K, hidden + 2 emb]
         h = self.trunk(x)  # [B, K, hidden]
+        if self.tokenizer is not None:
+            return self._decode_tokens(h, n)
         outs: list[Tensor | None] = [None] * n_keys
         for mod, idx in self._by_module.items():
             y = self.heads[mod](h[:, idx])  # [B, n_layers, out_dim]
@@ -253,8 +255,6 @@ class T2LGenerator(Generator):
             # would zero-fill and add a y-sized gradient (210 of them on SmolLM2).
             for i, y_i in zip(idx, y.unbind(1), strict=True):
                 outs[i] = y_i
-        if self.tokenizer is not None:
-            return self._decode_tokens(outs, n)
         r = self.spec.rank
         A: dict = {}
         B: dict = {}
@@ -264,11 +264,19 @@ class T2LGenerator(Generator):
             B[key] = y[:, r * d_in :].reshape(n, d_out, r)  # [B, out, r]
         return LoraBatch(spec=self.spec, A=A, B=B)
 
-    def _decode_tokens(self, outs: list, n: int) -> LoraBatch:
+    def _decode_tokens(self, h: Tensor, n: int) -> LoraBatch:
+        """Each module's head over its layers, decoded as tokens one module at a time."""
         tok = self.tokenizer
         assert tok is not None
-        parts = [
-            y.reshape(n, self._token_counts[key[1]], tok.rank, tok.slab_width)
-            for key, y in zip(self.keys, outs)
-        ]
-        return tok.decode(torch.cat(parts, dim=1))  # tokens [B, n_tokens, r, w]
+        A: dict = {}
+        B: dict = {}
+        for mod, idx in self._by_module.items():
+            y = self.heads[mod](h[:, idx])  # [B, L, n_tok * r * w]
+            t = y.view(n, len(idx), self._token_counts[mod], tok.rank, tok.slab_width)
+            a, b = tok.decode_module(mod, t)  # [B, L, r, in], [B, L, out, r]
+            # unbind: per-key views whose backward is one stack
+            for key, a_i, b_i in zip(tok.module_keys(mod), a.unbind(1), b.unbind(1), strict=True):
+                A[key], B[key] = a_i, b_i
+        return LoraBatch(
+            spec=self.spec, A={k: A[k] for k in self.keys}, B={k: B[k] for k in self.keys}
+        )
