@@ -348,3 +348,32 @@ def test_bf16_autocast_over_an_fp32_base_trains(make_config, tmp_path, monkeypat
     for name in names:
         assert math.isfinite(bf16[name]), name
         assert bf16[name] == pytest.approx(fp32[name], rel=0.1), name  # bf16 rounding only
+
+
+def test_baseline_logs_its_unused_terms_every_monitor_steps(make_config, tmp_path):
+    """training.monitor_every=3: loss_d / loss_kl at steps 1, 4, 7 (and the last), nothing else
+    changes: the weights the baseline trains on follow the same path as with every step logged."""
+    from llgbm_train.runs import Run
+    from llgbm_train.visualize import plot_curves
+
+    runs = {}
+    for k in (1, 3):
+        cfg = make_config(
+            *BEHAVIOUR,
+            "training.objective=baseline",
+            "training.steps=8",
+            f"training.monitor_every={k}",
+        )
+        result = train(cfg, tmp_path / f"m{k}", progress=False)
+        runs[k] = (result, Run.open(tmp_path / f"m{k}").read_metrics())
+    every, sparse = runs[1][1], runs[3][1]
+    assert [r["step"] for r in sparse] == list(range(1, 9))
+    assert [r["step"] for r in sparse if "loss_d" in r] == [1, 4, 7, 8]
+    assert [r["step"] for r in sparse if "loss_kl" in r] == [1, 4, 7, 8]
+    for a, b in zip(every, sparse, strict=True):
+        assert a["loss_w"] == b["loss_w"] and a["grad_norm"] == b["grad_norm"]
+        if "loss_d" in b:
+            assert a["loss_d"] == b["loss_d"] and a["loss_kl"] == b["loss_kl"]
+    state = [r[0].generator.state_dict() for r in runs.values()]
+    assert all(torch.equal(state[0][k], state[1][k]) for k in state[0])
+    assert plot_curves(sparse, tmp_path / "curves.png").is_file()

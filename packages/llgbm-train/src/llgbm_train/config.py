@@ -220,12 +220,22 @@ class TrainingConfig(_Section):
     cond_noise: float = 1e-4  # Gaussian noise on condition states (DnD)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (CUDA only; fp32 on CPU)
     log_every: int = 1  # steps between metrics.jsonl records
+    # baseline: steps between evaluations of the delta / KL it does not train on (logged only;
+    # a full base forward each). Records in between carry no loss_d / loss_kl.
+    monitor_every: int = 1
     checkpoint_every: int = 50  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
 
     def validate(self) -> None:
         s = self.section
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "log_every",
+            "monitor_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             _check_range(s, name, getattr(self, name), lo=1)
         _check_range(s, "lr", self.lr, lo=0.0, lo_open=True)
         for name in ("weight_decay", "warmup_steps", "grad_clip", "lambda_w", "lambda_d"):

@@ -571,98 +571,105 @@ def train(
             pred = pred.to(dtype=torch.float32)
             lw = weight_loss(pred, target, tokenizer=setup.weight_tokenizer, space=tc.weight_space)
             need_grad = tc.objective != "baseline"
-            lkl = None
-            with (
-                contextlib.nullcontext() if need_grad else torch.no_grad(),
-                autocast(cfg, setup.device),
-            ):
-                chunk = cfg.model.adapter_chunk_size
-                ckpt = cfg.model.gradient_checkpointing
-                if setup.behaviour is not None:
-                    seqs, bt = behaviour_rows(setup, local, probe_pick)
-                if tc.delta_target == "paper" and setup.behaviour is not None:
-                    from llgbm_delta.behaviour import delta_and_behaviour
+            # baseline trains on the weights alone: the delta / KL are only logged, every
+            # training.monitor_every steps (and at the first and last), not every step.
+            monitored = need_grad or step % tc.monitor_every == 0 or step + 1 == end
+            lkl = ld = None
+            if monitored:
+                with (
+                    contextlib.nullcontext() if need_grad else torch.no_grad(),
+                    autocast(cfg, setup.device),
+                ):
+                    chunk = cfg.model.adapter_chunk_size
+                    ckpt = cfg.model.gradient_checkpointing
+                    if setup.behaviour is not None:
+                        seqs, bt = behaviour_rows(setup, local, probe_pick)
+                    if tc.delta_target == "paper" and setup.behaviour is not None:
+                        from llgbm_delta.behaviour import delta_and_behaviour
 
-                    # The generic probes and the task sequences share one forward where the
-                    # fused path allows (docs/benchmarks.md: the paper-size step).
-                    pd, out = delta_and_behaviour(
-                        setup.model,
-                        setup.probes,
-                        setup.delta_spec,
-                        seqs,
-                        cfg.behaviour.layers,
-                        pred,
-                        base=base_act,
-                        logits="logprobs" in bt,
-                        adapter_chunk_size=chunk,
-                        gradient_checkpointing=ckpt,
-                        tokenizer=setup.tokenizer,
-                    )  # [b, hidden]; hidden [b*P, K, L, H], logits [b*P, K, V]
-                    pd = pd / setup.delta_scale
-                elif tc.delta_target == "paper":
-                    from llgbm_delta import delta_for_lora
-
-                    pd = (
-                        delta_for_lora(
+                        # The generic probes and the task sequences share one forward where the
+                        # fused path allows (docs/benchmarks.md: the paper-size step).
+                        pd, out = delta_and_behaviour(
                             setup.model,
-                            setup.tokenizer,
-                            pred,
                             setup.probes,
                             setup.delta_spec,
+                            seqs,
+                            cfg.behaviour.layers,
+                            pred,
                             base=base_act,
+                            logits="logprobs" in bt,
                             adapter_chunk_size=chunk,
                             gradient_checkpointing=ckpt,
-                        )
-                        / setup.delta_scale
-                    )  # [b, hidden]
-                elif setup.behaviour is not None:
-                    from llgbm_delta.behaviour import behaviour_forward
+                            tokenizer=setup.tokenizer,
+                        )  # [b, hidden]; hidden [b*P, K, L, H], logits [b*P, K, V]
+                        pd = pd / setup.delta_scale
+                    elif tc.delta_target == "paper":
+                        from llgbm_delta import delta_for_lora
 
-                    out = behaviour_forward(
-                        setup.model,
-                        seqs,
-                        cfg.behaviour.layers,
-                        pred,
-                        logits="logprobs" in bt,
-                        adapter_chunk_size=chunk,
-                        gradient_checkpointing=ckpt,
-                    )  # hidden [b*P, K, L, H], logits [b*P, K, V]
-            if tc.delta_target == "paper":
-                ld = delta_loss(
-                    pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight
-                )
-            else:
-                ld = behaviour_delta_loss(
-                    out.hidden,
-                    bt["base_hidden"],
-                    bt["delta"],
-                    seqs.select_mask,
-                    setup.behaviour_scale,
-                    kind=tc.delta_loss,
-                    cos_weight=tc.cos_weight,
-                )
-            if setup.behaviour is not None and out.logits is not None:
-                lkl = kl_loss(
-                    out.logits,
-                    bt["logprobs"],
-                    seqs.select_mask,
-                    top_ids=bt.get("top_ids"),
-                    base_kl=bt.get("base_kl"),
-                )
-            terms = {"loss_w": lw, "loss_d": ld}
+                        pd = (
+                            delta_for_lora(
+                                setup.model,
+                                setup.tokenizer,
+                                pred,
+                                setup.probes,
+                                setup.delta_spec,
+                                base=base_act,
+                                adapter_chunk_size=chunk,
+                                gradient_checkpointing=ckpt,
+                            )
+                            / setup.delta_scale
+                        )  # [b, hidden]
+                    elif setup.behaviour is not None:
+                        from llgbm_delta.behaviour import behaviour_forward
+
+                        out = behaviour_forward(
+                            setup.model,
+                            seqs,
+                            cfg.behaviour.layers,
+                            pred,
+                            logits="logprobs" in bt,
+                            adapter_chunk_size=chunk,
+                            gradient_checkpointing=ckpt,
+                        )  # hidden [b*P, K, L, H], logits [b*P, K, V]
+                if tc.delta_target == "paper":
+                    ld = delta_loss(
+                        pd.float(), deltas[local], kind=tc.delta_loss, cos_weight=tc.cos_weight
+                    )
+                else:
+                    ld = behaviour_delta_loss(
+                        out.hidden,
+                        bt["base_hidden"],
+                        bt["delta"],
+                        seqs.select_mask,
+                        setup.behaviour_scale,
+                        kind=tc.delta_loss,
+                        cos_weight=tc.cos_weight,
+                    )
+                if setup.behaviour is not None and out.logits is not None:
+                    lkl = kl_loss(
+                        out.logits,
+                        bt["logprobs"],
+                        seqs.select_mask,
+                        top_ids=bt.get("top_ids"),
+                        base_kl=bt.get("base_kl"),
+                    )
+            terms = {"loss_w": lw}
+            if ld is not None:
+                terms["loss_d"] = ld
             if lkl is not None:
                 terms["loss_kl"] = lkl
-            behaviour_term = lam_d * ld.value
-            if lkl is not None and tc.lambda_kl > 0:
-                behaviour_term = behaviour_term + lam_kl * lkl.value
             if tc.objective == "baseline":
                 loss = lw.value
-            elif tc.objective == "delta_multi":
-                loss = tc.lambda_w * lw.value + behaviour_term
             else:
-                ln, ln_base = norm_penalty(pred, target)
-                terms["loss_norm"] = type(lw)(ln, ln_base)
-                loss = behaviour_term + tc.norm_penalty * ln + tc.lambda_w * lw.value
+                behaviour_term = lam_d * ld.value
+                if lkl is not None and tc.lambda_kl > 0:
+                    behaviour_term = behaviour_term + lam_kl * lkl.value
+                if tc.objective == "delta_multi":
+                    loss = tc.lambda_w * lw.value + behaviour_term
+                else:
+                    ln, ln_base = norm_penalty(pred, target)
+                    terms["loss_norm"] = type(lw)(ln, ln_base)
+                    loss = behaviour_term + tc.norm_penalty * ln + tc.lambda_w * lw.value
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         params = [p for p in ddp_gen.parameters() if p.grad is not None]
@@ -708,7 +715,11 @@ def train(
             bar.update(1)
             bar.set_postfix(
                 loss=f"{vals[0]:.4g}",
-                d=f"{rec['loss_d']:.3g}/{rec['loss_d_baseline']:.3g}",
+                **(
+                    {"d": f"{rec['loss_d']:.3g}/{rec['loss_d_baseline']:.3g}"}
+                    if "loss_d" in rec
+                    else {}
+                ),
                 **(
                     {"w": f"{rec['loss_w']:.3g}/{rec['loss_w_baseline']:.3g}"}
                     if "loss_w" in rec

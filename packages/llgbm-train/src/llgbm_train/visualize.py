@@ -208,10 +208,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, *, title: str = "") -
             ax.set_title("schedules")
         else:
             y = series(name)
+            ok = np.isfinite(y)  # a term logged every k steps only (training.monitor_every)
             label, base = _TERMS.get(name, (name, "trivial baseline"))
-            ax.plot(steps, y, marker=marker, ms=3, label=name)
+            ax.plot(steps[ok], y[ok], marker=marker, ms=3, label=name)
             if name in keys:
-                ax.plot(steps, series(f"{name}_baseline"), "--", color="0.45", label=base)
+                yb = series(f"{name}_baseline")
+                ax.plot(steps[ok], yb[ok], "--", color="0.45", label=base)
                 ax.legend(fontsize=8)
             ax.set_title(label if name in keys else "total loss (optimised)")
             both = np.concatenate([y, series(f"{name}_baseline") if name in keys else y])
