@@ -289,6 +289,8 @@ def _prepare(
     n = len(adapters)
     r, scale, A, B = uniform_rank(spec, adapters.A, adapters.B)
     M = adapters.magnitude
+    if M is None:
+        return n, _prepare_stacked(spec, found, r, scale, A, B)
     lora: dict[int, tuple] = {}
     for i in spec.layers:
         groups = []
@@ -321,6 +323,38 @@ def _prepare(
             groups.append((At, Bt, D))
         lora[i] = (float(scale), r, tuple(groups))
     return n, lora
+
+
+def _prepare_stacked(spec, found, r: int, scale: float, A: dict, B: dict) -> dict[int, tuple]:
+    """`_prepare`'s per-layer tuples without DoRA; each group's A^T for all its layers at once.
+
+    Layers whose group has the same present modules (and weight device and dtype) share one
+    stack (A is copied once, as the per-layer concatenation did), cast and transpose, then
+    `unbind` into per-layer views (backward: one stack): a few ops per group instead of a few per
+    layer. B^T stays a per-key view (no copy: a batch's B can be most of its memory).
+    """
+    per_layer: dict[int, list] = {i: [None] * len(_GROUPS) for i in spec.layers}
+    for g, (_, group) in enumerate(_GROUPS):
+        runs: dict[tuple, list[int]] = {}  # (present modules, device, dtype) -> layers
+        for i in spec.layers:
+            present = tuple(m for m in group if (i, m) in found.modules)
+            if present:
+                w = found.modules[(i, present[0])].weight
+                runs.setdefault((present, w.device, w.dtype), []).append(i)
+        for (present, device, dtype), layers in runs.items():
+            a = torch.stack([A[(i, m)] for i in layers for m in present], dim=1)  # [n, L*g, r, in]
+            n, _, rank, d_in = a.shape
+            a = a.reshape(n, len(layers), len(present) * rank, d_in)  # [n, L, g*r, in]
+            a = a.to(device=device, dtype=dtype).transpose(2, 3).unbind(1)  # L x [n, in, g*r]
+            for j, i in enumerate(layers):
+                bt = tuple(
+                    B[(i, m)].to(device=device, dtype=dtype).transpose(1, 2)  # [n, r, out]
+                    if m in present
+                    else None
+                    for m in group
+                )
+                per_layer[i][g] = (a[j], bt, None)
+    return {i: (float(scale), r, tuple(groups)) for i, groups in per_layer.items()}
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
