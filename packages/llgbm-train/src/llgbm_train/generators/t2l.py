@@ -272,7 +272,7 @@ class T2LGenerator(Generator):
         B: dict = {}
         for mod, idx in self._by_module.items():
             y = self.heads[mod](h[:, idx])  # [B, L, n_tok * r * w]
-            t = y.view(n, len(idx), self._token_counts[mod], tok.rank, tok.slab_width)
+            t = y.reshape(n, len(idx), self._token_counts[mod], tok.rank, tok.slab_width)
             a, b = tok.decode_module(mod, t)  # [B, L, r, in], [B, L, out, r]
             # unbind: per-key views whose backward is one stack
             for key, a_i, b_i in zip(tok.module_keys(mod), a.unbind(1), b.unbind(1), strict=True):
