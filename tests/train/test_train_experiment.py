@@ -279,3 +279,6 @@ def test_behaviour_caches_are_filled_once_per_recipe_before_parallel_runs(test_w
     assert sorted(r.label for r in warm) == ["kl", "kl_last"]
     assert all(r.world == "a" and r.seed == 0 for r in warm)
     assert X.warm_runs([r for r in runs if not r.cfg.uses_behaviour]) == []
+    # A recipe whose run was already set up (for the references) is not set up again.
+    kl = next(r for r in warm if r.label == "kl")
+    assert [r.label for r in X.warm_runs(runs, [kl])] == ["kl_last"]

@@ -298,11 +298,17 @@ def _references(run: PlannedRun, progress: bool) -> tuple[str, dict]:
     return out
 
 
-def warm_runs(runs: list[PlannedRun]) -> list[PlannedRun]:
-    """The first run of each (world, behaviour section) among runs that use behaviour targets."""
-    seen, out = set(), []
+def _behaviour_recipe(run: PlannedRun) -> tuple[str, str]:
+    return run.world, json.dumps(dataclasses.asdict(run.cfg.behaviour), default=str)
+
+
+def warm_runs(runs: list[PlannedRun], prepared: list[PlannedRun] = ()) -> list[PlannedRun]:
+    """The first run of each (world, behaviour section) among runs that use behaviour targets,
+    leaving out recipes that a run in ``prepared`` (already set up) has filled."""
+    seen = {_behaviour_recipe(r) for r in prepared if r.cfg.uses_behaviour}
+    out = []
     for run in runs:
-        sig = (run.world, json.dumps(dataclasses.asdict(run.cfg.behaviour), default=str))
+        sig = _behaviour_recipe(run)
         if run.cfg.uses_behaviour and sig not in seen:
             seen.add(sig)
             out.append(run)
@@ -385,16 +391,18 @@ def run_experiment(
                 reports[run.dir] = report
                 bar.update(1)
         if jobs > 1:  # references of worlds that have none cached, before the runs start
+            prepared = []
             for w in spec.worlds:
                 run = next((r for r in todo if r.world == w), None)
                 if run is not None and not refs[w]:
                     bar.set_postfix_str(f"{w}: references")
                     key, scored = _references(run, progress)
+                    prepared.append(run)
                     refs[w][key] = scored
                     atomic_write_text(spec.out_dir / w / "references.json", json.dumps(refs[w]))
             # Fill the world's behaviour cache once per behaviour recipe, so the workers read
             # it instead of each computing every teacher's targets at the same time.
-            for run in warm_runs(todo):
+            for run in warm_runs(todo, prepared):
                 bar.set_postfix_str(f"{run.world}: behaviour targets")
                 _warm(run, progress)
         rest = todo if jobs > 1 else []

@@ -23,6 +23,8 @@ import torch
 from llgbm_worlds.data import IGNORE, collate, encode
 from llgbm_worlds.families import Example
 
+SCORE_BATCH = 64  # score's items per generate call; its token budget is set per such chunk
+
 
 def bootstrap_ci(correct, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """Mean accuracy of ``correct`` (booleans) and its 95% percentile-bootstrap interval over
@@ -47,7 +49,7 @@ def score(
     *,
     adapter=None,
     max_new_tokens: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = SCORE_BATCH,
 ) -> list[bool]:
     """Greedy-decode every prompt and compare with its answer (whitespace-normalised exact match).
 
@@ -141,9 +143,6 @@ def score_fast(
     finally:
         model.train(was_training)
     return out
-
-
-SCORE_BATCH = 64  # score's items per generate call; its token budget is set per such chunk
 
 
 def _budgets(tokenizer, items: Sequence[Example], max_new_tokens: int | None) -> list[int]:
