@@ -203,8 +203,17 @@ def test_experiment_resumes_and_aggregates(
     for world, wdir in worlds.items():
         want = World.load(wdir).content_hash
         assert [want.startswith(h) for h in results["worlds"][world]["content_hash"]] == [True]
+    # What the runs trained on, from their metadata (here: this machine, no GPU visible to it).
+    import os
+
+    import torch
+
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    machine = (" + ".join(devices) or "CPU only") + f", {os.cpu_count()} CPUs"
+    assert results["machines"] == [machine]
     md = Path(spec.report).read_text()
     for needle in (
+        f"measured on {machine}.",
         f"content hash `{World.load(test_world_dir).content_hash[:12]}`",
         "## Honesty checks",
         "## World `shared`",

@@ -575,8 +575,26 @@ def aggregate(spec: ExperimentSpec, planned: list[PlannedRun], reports: dict, ti
             for w, ov in spec.worlds.items()
         },
         "timing": {**total, "runs": {str(r.dir): timings.get(str(r.dir)) for r in planned}},
+        "machines": _machines(planned),
         "results": table,
     }
+
+
+def _machines(runs: list[PlannedRun]) -> list[str]:
+    """What the runs trained on, from their metadata.json (sorted, one entry per distinct
+    machine): the accelerators, or "CPU only", and the host's CPU count where recorded."""
+    found = set()
+    for r in runs:
+        try:
+            env = json.loads((r.dir / "metadata.json").read_text())["environment"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        devices = env.get("devices") or []
+        what = " + ".join(devices) if devices else "CPU only"
+        if env.get("cpus"):
+            what += f", {env['cpus']} CPUs"
+        found.add(what)
+    return sorted(found)
 
 
 def _world_hashes(runs: list[PlannedRun]) -> list[str]:

@@ -268,7 +268,14 @@ def results_markdown(results: dict[str, Any], spec) -> str:
         f"wall: loading and training {t['prepare_train_s'] / 60:.1f} min (of which optimiser "
         f"steps {t['train_s'] / 60:.1f}), evaluation {t['eval_s'] / 60:.1f} min (sums over runs"
         + (f"; budget {spec.budget_minutes:g} min" if spec.budget_minutes else "")
-        + "), measured on a shared 2-core machine.",
+        + "), measured on "
+        + (
+            "; ".join(results["machines"])
+            if results.get("machines")
+            else "a machine this results file does not record"
+        )
+        + (f", {results['jobs']} runs at a time" if (results.get("jobs") or 1) > 1 else "")
+        + ".",
         "",
         "## Honesty checks",
         "",

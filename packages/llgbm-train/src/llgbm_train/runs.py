@@ -110,6 +110,7 @@ def environment() -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpus": os.cpu_count(),
         "packages": versions,
     }
     try:
