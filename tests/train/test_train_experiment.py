@@ -119,6 +119,23 @@ def test_the_tiny_experiment_spec_plans():
     assert {r.cfg.training.variant for r in runs if r.label == "delta_retrieve"} == {"b2"}
 
 
+def test_the_smollm2_specs_are_one_recipe_on_two_inits():
+    """smollm2.yaml and smollm2-independent.yaml plan the same runs but for the world's init."""
+    plans = {}
+    for name in ("smollm2", "smollm2-independent"):
+        spec, _ = X.load_spec(str(REPO / f"configs/experiments/{name}.yaml"))
+        spec = dataclasses.replace(spec, configs_dir=str(REPO / "configs"))
+        assert len(spec.seeds) >= 3 and {"baseline", "delta_multi"} <= set(spec.objectives)
+        plans[name] = X.plan(spec)
+    shared, indep = plans["smollm2"], plans["smollm2-independent"]
+    assert [(r.label, r.seed) for r in shared] == [(r.label, r.seed) for r in indep]
+    assert {r.cfg.world.preset for r in indep} == {"default-independent"}
+    assert {r.cfg.world.dir for r in shared}.isdisjoint({r.cfg.world.dir for r in indep})
+    for a, b in zip(shared, indep):
+        same = dataclasses.replace(b.cfg.world, dir=a.cfg.world.dir, preset=a.cfg.world.preset)
+        assert dataclasses.replace(b.cfg, world=same, runs_dir=a.cfg.runs_dir) == a.cfg
+
+
 @pytest.fixture(scope="module")
 def independent_world_dir():
     from llgbm_worlds.testing import test_world

@@ -186,6 +186,20 @@ def test_bad_names_and_missing_worlds(tmp_path):
         World.load(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize("kind", ["tiny", "smollm2"])
+def test_every_preset_has_an_independent_init_twin(kind):
+    from dataclasses import replace
+
+    from llgbm_worlds.presets import SMOLLM2_PRESETS, TINY_PRESETS, get_preset
+
+    table = {"tiny": TINY_PRESETS, "smollm2": SMOLLM2_PRESETS}[kind]
+    for name in [n for n in table if not n.endswith("-independent")]:
+        twin = get_preset(kind, f"{name}-independent")
+        assert table[name].zoo.init == "shared" and twin.zoo.init == "independent"
+        # Only the init (and the name) differ: the two worlds are the same tasks and recipe.
+        assert replace(twin, name=name, zoo=replace(twin.zoo, init="shared")) == table[name]
+
+
 def test_missing_adapter_is_named(tmp_path, tiny_world_dir):
     out = tmp_path / "w"
     shutil.copytree(tiny_world_dir, out)

@@ -130,6 +130,11 @@ SMOLLM2_PRESETS: dict[str, Preset] = {
         zoo=ZooConfig(steps=2, lr=5e-4, batch=2, checkpoints=(2,), train_splits=1),
     ),
 }
+# The unaligned zoo on the real model too (issue 16: both inits); smoke-independent for tests.
+for _name in ("default", "smoke"):
+    SMOLLM2_PRESETS[f"{_name}-independent"] = SMOLLM2_PRESETS[_name].with_init(
+        "independent", f"{_name}-independent"
+    )
 
 
 def get_preset(kind: str, name: str | None) -> Preset:
