@@ -580,14 +580,23 @@ def aggregate(spec: ExperimentSpec, planned: list[PlannedRun], reports: dict, ti
     }
 
 
+def _metadata(run: PlannedRun) -> dict:
+    """The run's metadata.json, or {} when it is missing or unreadable (a run without one
+    contributes nothing to what is read from it)."""
+    try:
+        meta = json.loads((run.dir / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _machines(runs: list[PlannedRun]) -> list[str]:
     """What the runs trained on, from their metadata.json (sorted, one entry per distinct
     machine): the accelerators, or "CPU only", and the host's CPU count where recorded."""
     found = set()
     for r in runs:
-        try:
-            env = json.loads((r.dir / "metadata.json").read_text())["environment"]
-        except (OSError, ValueError, KeyError, TypeError):
+        env = _metadata(r).get("environment")
+        if not isinstance(env, dict):
             continue
         devices = env.get("devices") or []
         what = " + ".join(devices) if devices else "CPU only"
@@ -603,10 +612,9 @@ def _world_hashes(runs: list[PlannedRun]) -> list[str]:
     (a rebuild with the same seed and recipe can differ in float rounding, and so in results)."""
     found = set()
     for r in runs:
-        try:
-            found.add(str(json.loads((r.dir / "metadata.json").read_text())["world"]["hash"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a run without metadata contributes no hash
+        world = _metadata(r).get("world")
+        if isinstance(world, dict) and "hash" in world:
+            found.add(str(world["hash"]))
     return sorted(found)
 
 
