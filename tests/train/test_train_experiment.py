@@ -136,6 +136,25 @@ def test_the_smollm2_specs_are_one_recipe_on_two_inits():
         assert dataclasses.replace(b.cfg, world=same, runs_dir=a.cfg.runs_dir) == a.cfg
 
 
+def test_the_parametric_spec_is_the_tiny_shared_runs_on_the_parametric_world():
+    """tiny-parametric.yaml changes only the world of tiny.yaml's shared-init main runs."""
+    plans = {}
+    for name in ("tiny", "tiny-parametric"):
+        spec, _ = X.load_spec(str(REPO / f"configs/experiments/{name}.yaml"))
+        spec = dataclasses.replace(spec, configs_dir=str(REPO / "configs"))
+        main = set(spec.objectives)
+        plans[name] = [r for r in X.plan(spec) if r.world == "shared" and r.label in main]
+    tiny, par = plans["tiny"], plans["tiny-parametric"]
+    assert [(r.label, r.seed) for r in tiny] == [(r.label, r.seed) for r in par]
+    assert {r.cfg.world.preset for r in par} == {"parametric"}
+    from llgbm_worlds.presets import get_preset
+
+    assert get_preset("tiny", "parametric").model.parametric
+    for a, b in zip(tiny, par):
+        same = dataclasses.replace(b.cfg.world, dir=a.cfg.world.dir, preset=a.cfg.world.preset)
+        assert dataclasses.replace(b.cfg, world=same, runs_dir=a.cfg.runs_dir) == a.cfg
+
+
 @pytest.fixture(scope="module")
 def independent_world_dir():
     from llgbm_worlds.testing import test_world

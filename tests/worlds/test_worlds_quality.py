@@ -89,3 +89,54 @@ def test_measure_world_on_the_test_world(tiny_world_dir, tiny_world):
     )
     for key in ("silhouette_delta", "silhouette_delta_task", "silhouette_weights"):
         assert -1.0 <= q[key] <= 1.0
+
+
+def test_default_pretraining_stream_and_base_fingerprint_are_unchanged_by_parametric_skills():
+    # Golden values from before the parametric option existed: worlds built then stay valid.
+    import hashlib
+    import json
+
+    from llgbm_worlds.build import base_fingerprint
+    from llgbm_worlds.presets import TINY_PRESETS
+
+    rng = random.Random("pretrain:0")
+    first = [pretrain_example(rng, 3) for _ in range(500)]
+    digest = hashlib.sha256(json.dumps([[e.prompt, e.answer] for e in first]).encode()).hexdigest()
+    assert digest == "76bb92c67e01a588391f5ba5edd350ce12b9d7505e5cb4481d09a01ef9a227fd"
+    default = TINY_PRESETS["default"].model
+    assert base_fingerprint(default, 0) == (
+        "a38875ac8e667f439d24527b5314f0306c37050d19375348fc5d52638f137215"
+    )
+    assert base_fingerprint(TINY_PRESETS["parametric"].model, 0) != base_fingerprint(default, 0)
+
+
+def test_parametric_skills_compute_their_answer_and_never_ask_a_family_task():
+    from llgbm_worlds.families import LETTERS
+
+    rng = random.Random(3)
+    family_instructions = {fam.instruction(p) for fam in FAMILIES.values() for p in fam.params}
+    family_tags = {fam.tag for fam in FAMILIES.values()}
+    seen: Counter = Counter()
+    for _ in range(3000):
+        ex = pretrain_example(rng, 3, parametric=True)
+        ins, x = _instruction(ex.prompt), ex.prompt.split(" Input:")[1].split("\n")[0]
+        tag, *y = ex.answer.split()
+        assert tag in SKILL_TAGS and tag not in family_tags
+        assert ins not in family_instructions
+        words = ins.rstrip(".").split()
+        if ins.startswith(("Write the number ", "Write the letter ")) and words[3].isdigit():
+            k, where, kind = int(words[3]), words[4], words[2]
+            sign = 1 if where == "after" else -1
+            if kind == "number":
+                want = [str(int(v) + sign * k) for v in x.split()]
+                assert all(0 <= int(v) <= 129 for v in want)
+            else:
+                want = [LETTERS[(LETTERS.index(c) + sign * k) % 26] for c in x.split()]
+            assert y == want, ex
+            seen[f"{kind} {where}"] += 1
+        elif ins.startswith("Repeat the input ") and ins != "Repeat the input.":
+            k = int(words[3])
+            assert y == [x] * k
+            seen["repeat"] += 1
+    assert set(seen) == {"number after", "number before", "letter after", "repeat"}
+    assert min(seen.values()) > 150

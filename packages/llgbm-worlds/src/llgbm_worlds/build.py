@@ -34,6 +34,7 @@ from llgbm_worlds.io import (
     write_jsonl_atomic,
 )
 from llgbm_worlds.presets import KINDS, Preset, get_preset
+from llgbm_worlds.tiny import TinyModelConfig
 from llgbm_worlds.world import BUILD_STATE, FORMAT
 from llgbm_worlds.zoo import RunSpec, Scorer, build_zoo, split_items
 
@@ -211,11 +212,21 @@ def load_local_base(base_dir: Path, device: str | torch.device | None = None):
     return model, tok
 
 
+def base_fingerprint(model: TinyModelConfig, seed: int) -> str:
+    """What a built tiny base depends on: its recipe, the seed and the tokenizer's texts."""
+    from llgbm_worlds.tiny import vocabulary_texts
+
+    recipe = asdict(model)
+    if not recipe["parametric"]:
+        del recipe["parametric"]  # bases built before the option existed keep their fingerprint
+    return sha256_json(["tiny-base", recipe, seed, vocabulary_texts()])
+
+
 def _tiny_base(out: Path, preset: Preset, seed: int, progress: bool):
-    from llgbm_worlds.tiny import build_base, vocabulary_texts
+    from llgbm_worlds.tiny import build_base
 
     assert preset.model is not None
-    fp = sha256_json(["tiny-base", asdict(preset.model), seed, vocabulary_texts()])
+    fp = base_fingerprint(preset.model, seed)
     base_dir = out / "base"
     digest = _base_done(base_dir, fp)
     if digest is None:

@@ -17,6 +17,8 @@ import json
 
 from llgbm_flora.cli_errors import run_command
 
+from llgbm_worlds.presets import SMOLLM2_PRESETS, TINY_PRESETS
+
 
 def build_parser(prog: str = "python -m llgbm_worlds") -> argparse.ArgumentParser:
     """The worlds CLI; ``llgbm world`` mounts this same parser (``prog="llgbm world"``)."""
@@ -29,8 +31,7 @@ def build_parser(prog: str = "python -m llgbm_worlds") -> argparse.ArgumentParse
     b.add_argument(
         "--preset",
         default=None,
-        help="tiny: default | test | default-independent | test-independent; "
-        "smollm2: default | smoke",
+        help=f"tiny: {' | '.join(TINY_PRESETS)}; smollm2: {' | '.join(SMOLLM2_PRESETS)}",
     )
     b.add_argument(
         "--init",

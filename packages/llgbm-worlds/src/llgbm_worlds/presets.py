@@ -100,8 +100,14 @@ TINY_PRESETS: dict[str, Preset] = {
         zoo=ZooConfig(steps=60, lr=1e-2, batch=16, checkpoints=(40, 60), chunk=7),
     ),
 }
+# The default world on a base that also has parametric skills (tiny.TinyModelConfig.parametric):
+# it can add, subtract, shift and repeat by a k its instruction names, so a held-out variant's
+# adapter (add_4 between add_3 and add_5) has a skill to steer, as on a real LLM.
+TINY_PRESETS["parametric"] = replace(
+    TINY_PRESETS["default"], name="parametric", model=TinyModelConfig(parametric=True)
+)
 # The same worlds with one LoRA init per run: the unaligned zoo of adapters collected from the wild.
-for _name in ("default", "test"):
+for _name in ("default", "test", "parametric"):
     TINY_PRESETS[f"{_name}-independent"] = TINY_PRESETS[_name].with_init(
         "independent", f"{_name}-independent"
     )

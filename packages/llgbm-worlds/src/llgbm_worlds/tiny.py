@@ -83,6 +83,13 @@ class TinyModelConfig:
     # echoed 0.31-0.86 of multi-word inputs and seed 0's teachers then averaged 21%; at 3,
     # 0.88-1.0 on all five seeds (docs/worlds.md).
     echo_weight: int = 3
+    # Parametric skills: the same operations with a step k named in the instruction ("Write the
+    # number 4 after each." -> "next 9"), k in 1..9, so the base can add, subtract, shift and
+    # repeat by any k when told, as a real LLM can. Their instructions are built from words the
+    # task families already use and never equal a family's instruction; the answer keeps the
+    # skill's tag (next / previous / echo), never a family's, so the base still scores 0 on every
+    # task. Off by default: the default world's base has no parametric skill (docs/worlds.md).
+    parametric: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
@@ -106,9 +113,21 @@ def filler_words() -> tuple[str, ...]:
     return tuple(sorted(w for w in words if w.isalnum() and w not in SKILL_KEYWORDS | probe_words))
 
 
-def pretrain_example(rng: random.Random, echo_weight: int = TinyModelConfig.echo_weight) -> Example:
+PARAMETRIC_STEPS = range(1, 10)  # k of the parametric skills
+
+
+def pretrain_example(
+    rng: random.Random,
+    echo_weight: int = TinyModelConfig.echo_weight,
+    parametric: bool = TinyModelConfig.parametric,
+) -> Example:
     """One generic-skill example (never a task family's instruction); the answer opens with its tag."""
-    skill = rng.choices(range(7), weights=(echo_weight, 1, 1, 1, 1, 1, 1))[0]
+    if parametric:
+        skill = rng.choices(range(11), weights=(echo_weight, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1))[0]
+        if skill >= 7:
+            return _parametric_example(rng, skill)
+    else:  # the default stream, draw for draw as before the parametric skills existed
+        skill = rng.choices(range(7), weights=(echo_weight, 1, 1, 1, 1, 1, 1))[0]
     header = rng.randrange(len(HEADERS))
     pool = WORDS  # every content word: numbers, letters, nouns, adjectives, code words
     n = rng.randint(1, 2)  # next / previous: one item, or each of two
@@ -145,6 +164,29 @@ def pretrain_example(rng: random.Random, echo_weight: int = TinyModelConfig.echo
         instr, x = f"Write the {tag} word.", " ".join(words)
         y = words[0] if skill == 5 else words[-1]
     return Example(format_prompt(instr, x, header=header), f"{tag} {y}")
+
+
+def _parametric_example(rng: random.Random, skill: int) -> Example:
+    """Skill 7-10: k numbers after / before, k letters after (wrapping), the input k times."""
+    header = rng.randrange(len(HEADERS))
+    k = rng.choice(PARAMETRIC_STEPS)
+    n = rng.randint(1, 2)
+    if skill == 7:
+        ns = [rng.randrange(NUMBER_MAX + 1 - k) for _ in range(n)]
+        instr, y, tag = f"Write the number {k} after each.", [str(v + k) for v in ns], "next"
+        x = " ".join(map(str, ns))
+    elif skill == 8:
+        ns = [rng.randrange(k, NUMBER_MAX + 1) for _ in range(n)]
+        instr, y, tag = f"Write the number {k} before each.", [str(v - k) for v in ns], "previous"
+        x = " ".join(map(str, ns))
+    elif skill == 9:
+        ns = [rng.randrange(26) for _ in range(n)]
+        instr, tag = f"Write the letter {k} after each.", "next"
+        x, y = " ".join(LETTERS[i] for i in ns), [LETTERS[(i + k) % 26] for i in ns]
+    else:
+        x = rng.choice(WORDS)
+        instr, y, tag = f"Repeat the input {k} times.", [x] * k, "echo"
+    return Example(format_prompt(instr, x, header=header), f"{tag} {' '.join(y)}")
 
 
 def vocabulary_texts() -> list[str]:
@@ -192,7 +234,10 @@ def pretrain(model, tokenizer, cfg: TinyModelConfig, *, seed: int, progress: boo
     rng = random.Random(f"pretrain:{seed}")
     n = cfg.steps * cfg.batch
     data = collate(
-        encode(tokenizer, [pretrain_example(rng, cfg.echo_weight) for _ in range(n)]),
+        encode(
+            tokenizer,
+            [pretrain_example(rng, cfg.echo_weight, cfg.parametric) for _ in range(n)],
+        ),
         tokenizer.pad_token_id,
     )
     lengths = data["attention_mask"].sum(1)  # [n]
