@@ -140,3 +140,14 @@ def test_parametric_skills_compute_their_answer_and_never_ask_a_family_task():
             seen["repeat"] += 1
     assert set(seen) == {"number after", "number before", "letter after", "repeat"}
     assert min(seen.values()) > 150
+
+
+def test_parametric_skills_need_no_new_token():
+    # The tokenizer (and so every default world) is unchanged by the option.
+    from llgbm_worlds.tiny import vocabulary_texts
+    from llgbm_worlds.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(vocabulary_texts())
+    rng = random.Random(4)
+    texts = [f"{e.prompt} {e.answer}" for e in (pretrain_example(rng, 3, True) for _ in range(600))]
+    assert all(tok.unk_token_id not in ids for ids in tok(texts)["input_ids"])

@@ -13,6 +13,10 @@ the probes' instruction words) gets the default style ``echo``: the base starts 
 and every generic probe with ``echo``, so the family word a teacher writes there shows on the
 probes too and teacher deltas cluster by family (docs/worlds.md, "The tiny base: pretraining with
 answer styles").
+
+``TinyModelConfig.parametric`` (preset ``parametric``) adds skills with a step k named in the
+instruction (numbers k after / before, letters k after, the input k times), still under the skill
+tags: the base then has a skill a held-out variant's adapter can steer (docs/worlds.md).
 """
 
 from __future__ import annotations
