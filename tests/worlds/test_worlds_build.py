@@ -179,7 +179,7 @@ def test_bad_names_and_missing_worlds(tmp_path):
         build_world("huge", tmp_path / "x")
     with pytest.raises(
         UnknownNameError,
-        match="valid presets: default, default-independent, test, test-independent",
+        match="valid presets: default, default-independent, parametric, parametric-independent, test, test-independent",
     ):
         build_world("tiny", tmp_path / "x", preset="bogus")
     with pytest.raises(WorldIncompleteError, match="llgbm world build tiny"):
