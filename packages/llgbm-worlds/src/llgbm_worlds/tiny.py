@@ -126,12 +126,10 @@ def pretrain_example(
     parametric: bool = TinyModelConfig.parametric,
 ) -> Example:
     """One generic-skill example (never a task family's instruction); the answer opens with its tag."""
-    if parametric:
-        skill = rng.choices(range(11), weights=(echo_weight, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1))[0]
-        if skill >= 7:
-            return _parametric_example(rng, skill)
-    else:  # the default stream, draw for draw as before the parametric skills existed
-        skill = rng.choices(range(7), weights=(echo_weight, 1, 1, 1, 1, 1, 1))[0]
+    n_skills = 11 if parametric else 7  # skills 7-10 are the parametric ones
+    skill = rng.choices(range(n_skills), weights=(echo_weight, *[1] * (n_skills - 1)))[0]
+    if skill >= 7:
+        return _parametric_example(rng, skill)
     header = rng.randrange(len(HEADERS))
     pool = WORDS  # every content word: numbers, letters, nouns, adjectives, code words
     n = rng.randint(1, 2)  # next / previous: one item, or each of two
